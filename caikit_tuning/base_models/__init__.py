@@ -1,0 +1,35 @@
+"""Base models: where they are, how they load, how artifacts are written."""
+
+from .artifacts import atomic_folder, read_jsonl, write_jsonl
+from .loading import (
+    BaseModel,
+    BaseModelSource,
+    LocatedModel,
+    is_encoder_decoder,
+    load_base,
+    load_model,
+    load_model_config,
+    load_tokenizer,
+    locate_base_model,
+)
+from .paths import resolve_under
+from .prefix import NO_PREFIX, PromptPrefix, embed_with_prefix
+
+__all__ = [
+    "NO_PREFIX",
+    "BaseModel",
+    "BaseModelSource",
+    "LocatedModel",
+    "PromptPrefix",
+    "atomic_folder",
+    "embed_with_prefix",
+    "is_encoder_decoder",
+    "load_base",
+    "load_model",
+    "load_model_config",
+    "load_tokenizer",
+    "locate_base_model",
+    "read_jsonl",
+    "resolve_under",
+    "write_jsonl",
+]

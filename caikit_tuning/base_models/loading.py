@@ -1,0 +1,209 @@
+"""Find and load Hugging Face base models and tokenizers, safely and offline by default."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import alog
+import caikit
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSeq2SeqLM,
+    AutoTokenizer,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+from transformers.utils import logging as hf_logging
+from transformers.models.auto.modeling_auto import (
+    MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+    MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
+)
+
+from .paths import is_hub_id, resolve_under
+
+log = alog.use_channel("BASE")
+
+# Per-tensor loading bars would flood job logs; the job reports its own progress.
+hf_logging.disable_progress_bar()
+
+
+@dataclass(frozen=True)
+class BaseModelSource:
+    """Where a base model comes from, as recorded in a saved model's config.
+
+    Exactly one of `name` (resolved under `base_models_dir`, or a hub id when downloads
+    are allowed) and `path` (an explicit folder) is set.
+    """
+
+    name: str | None = None
+    path: str | None = None
+
+    def __post_init__(self):
+        if (self.name is None) == (self.path is None):
+            raise ValueError("A base model source needs exactly one of `name` and `path`.")
+
+    def to_config(self) -> dict[str, str]:
+        return {"name": self.name} if self.name is not None else {"path": self.path}
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> BaseModelSource:
+        return cls(name=config.get("name"), path=config.get("path"))
+
+    def __str__(self) -> str:
+        return self.name if self.name is not None else str(self.path)
+
+
+@dataclass(frozen=True)
+class LocatedModel:
+    source: BaseModelSource
+    # A local folder, or a hub id when the model is downloaded.
+    location: str
+    local: bool
+
+
+def _library_config():
+    return caikit.get_config()
+
+
+def allow_downloads() -> bool:
+    value = os.environ.get("ALLOW_DOWNLOADS", _library_config().get("allow_downloads", False))
+    return str(value).lower() in ("1", "true", "yes")
+
+
+def base_models_dir() -> Path:
+    return Path(_library_config().get("base_models_dir") or "models/base")
+
+
+def _is_model_folder(path: Path) -> bool:
+    return path.is_dir() and (path / "config.json").is_file()
+
+
+def locate_base_model(base_model: str | BaseModelSource, field: str = "base_model") -> LocatedModel:
+    """Turn what the user named into a folder (or, when allowed, a hub id).
+
+    A folder path is taken as is, unless `restrict_base_models_to_dir` is on (the
+    runtime sets it). Otherwise the value is a name under `base_models_dir`.
+    """
+    if isinstance(base_model, BaseModelSource):
+        if base_model.path is not None:
+            return _locate_path(base_model.path, field)
+        return _locate_name(base_model.name, field)
+    if not isinstance(base_model, str) or not base_model.strip():
+        raise ValueError(f"`{field}` must name a base model folder or name, got {base_model!r}.")
+    restricted = bool(_library_config().get("restrict_base_models_to_dir", False))
+    if not restricted and _is_model_folder(Path(base_model).expanduser()):
+        return _locate_path(base_model, field)
+    return _locate_name(base_model, field)
+
+
+def _locate_path(path: str, field: str) -> LocatedModel:
+    folder = Path(path).expanduser().resolve()
+    if not _is_model_folder(folder):
+        raise ValueError(
+            f"`{field}` folder {folder} holds no Hugging Face model (config.json is missing)."
+        )
+    return LocatedModel(BaseModelSource(path=str(folder)), str(folder), local=True)
+
+
+def _locate_name(name: str, field: str) -> LocatedModel:
+    root = base_models_dir()
+    folder = resolve_under(root, name, field)
+    if _is_model_folder(folder):
+        return LocatedModel(BaseModelSource(name=name), str(folder), local=True)
+    if allow_downloads() and is_hub_id(name):
+        return LocatedModel(BaseModelSource(name=name), name, local=False)
+    raise ValueError(
+        f"`{field}` {name!r} was not found: {folder} is not a model folder (base_models_dir="
+        f"{root.resolve()}). Save the model there, pass a model folder path, or set "
+        "ALLOW_DOWNLOADS=true to fetch hub models."
+    )
+
+
+def load_model_config(located: LocatedModel) -> PretrainedConfig:
+    return AutoConfig.from_pretrained(
+        located.location, trust_remote_code=False, local_files_only=located.local
+    )
+
+
+def is_encoder_decoder(config: PretrainedConfig, field: str = "base_model") -> bool:
+    """True for seq2seq models, False for causal LMs; anything else is an error."""
+    if getattr(config, "is_encoder_decoder", False):
+        if config.model_type not in MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES:
+            raise ValueError(
+                f"`{field}` is an encoder-decoder model of type {config.model_type!r} that has "
+                "no sequence-to-sequence LM head in transformers."
+            )
+        return True
+    if config.model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        return False
+    raise ValueError(
+        f"`{field}` is a {config.model_type!r} model, which is neither a causal language model "
+        "nor a sequence-to-sequence model; only those can be tuned for text generation."
+    )
+
+
+def load_tokenizer(located: LocatedModel) -> PreTrainedTokenizerBase:
+    tokenizer = AutoTokenizer.from_pretrained(
+        located.location, trust_remote_code=False, local_files_only=located.local
+    )
+    if tokenizer.pad_token_id is None:
+        # Padding is masked out of attention and loss, so any existing token will do.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(
+    located: LocatedModel, dtype: torch.dtype, device: torch.device
+) -> PreTrainedModel:
+    """Load weights (safetensors only) in `dtype` onto `device`, in eval mode."""
+    config = load_model_config(located)
+    auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
+    log.info("loading base model %s (%s, %s)", located.source, dtype, device)
+    model = auto_class.from_pretrained(
+        located.location,
+        dtype=dtype,
+        use_safetensors=True,
+        trust_remote_code=False,
+        local_files_only=located.local,
+        attn_implementation="sdpa" if _supports_sdpa(auto_class, config) else "eager",
+    )
+    return model.to(device).eval()
+
+
+def _supports_sdpa(auto_class, config: PretrainedConfig) -> bool:
+    model_class = auto_class._model_mapping[type(config)]
+    return bool(getattr(model_class, "_supports_sdpa", False))
+
+
+@dataclass
+class BaseModel:
+    """A loaded base model with its tokenizer, and where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    source: BaseModelSource
+    is_encoder_decoder: bool
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.model.parameters()).dtype
+
+
+def load_base(located: LocatedModel, dtype: torch.dtype, device: torch.device) -> BaseModel:
+    model = load_model(located, dtype, device)
+    return BaseModel(
+        model=model,
+        tokenizer=load_tokenizer(located),
+        source=located.source,
+        is_encoder_decoder=bool(model.config.is_encoder_decoder),
+    )

@@ -1,0 +1,44 @@
+"""Soft prompts as inputs: token embeddings with learned vectors in front of them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from transformers import PreTrainedModel
+
+
+@dataclass(frozen=True)
+class PromptPrefix:
+    """Learned vectors placed before the encoder's and/or the decoder's input.
+
+    A causal LM only has a decoder; `encoder` is for encoder-decoder models.
+    """
+
+    encoder: torch.Tensor | None = None  # (num_virtual_tokens, hidden)
+    decoder: torch.Tensor | None = None  # (num_virtual_tokens, hidden)
+
+    @staticmethod
+    def length(vectors: torch.Tensor | None) -> int:
+        return 0 if vectors is None else vectors.shape[0]
+
+
+NO_PREFIX = PromptPrefix()
+
+
+def embed_with_prefix(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,  # (batch, seq_len)
+    attention_mask: torch.Tensor | None,  # (batch, seq_len)
+    vectors: torch.Tensor | None,  # (num_virtual_tokens, hidden)
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Input embeddings with `vectors` prepended to every row, and the matching mask."""
+    embeds = model.get_input_embeddings()(input_ids)  # (batch, seq_len, hidden)
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    if vectors is None:
+        return embeds, attention_mask
+    batch = input_ids.shape[0]
+    prefix = vectors.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    prefix_mask = attention_mask.new_ones(batch, vectors.shape[0])
+    return torch.cat([prefix, embeds], dim=1), torch.cat([prefix_mask, attention_mask], dim=1)

@@ -1,0 +1,27 @@
+"""Wire types of caikit_tuning: the @dataobject messages the runtime exposes.
+
+Nothing here imports torch: these types are used by clients and servers alike.
+Results reuse caikit.interfaces.nlp (GeneratedTextResult, GeneratedTextStreamResult,
+TokenizationResults).
+"""
+
+from .generation import DecodingMethod, ExponentialDecayLengthPenalty
+from .training import (
+    GenerationTrainRecord,
+    PromptOutputModelType,
+    PromptTuningInitMethod,
+    TrainGenerationRecord,
+    TuningConfig,
+    TuningType,
+)
+
+__all__ = [
+    "DecodingMethod",
+    "ExponentialDecayLengthPenalty",
+    "GenerationTrainRecord",
+    "PromptOutputModelType",
+    "PromptTuningInitMethod",
+    "TrainGenerationRecord",
+    "TuningConfig",
+    "TuningType",
+]

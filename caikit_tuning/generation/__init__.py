@@ -1,0 +1,6 @@
+"""Generation shared by every module: settings, decoding, streaming, results."""
+
+from .generator import TextGenerator
+from .settings import GenerationSettings
+
+__all__ = ["GenerationSettings", "TextGenerator"]

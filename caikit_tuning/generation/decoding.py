@@ -1,0 +1,144 @@
+"""The request side of decoding: choose each token, turn tokens into text, decide when to stop."""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+from transformers.generation.logits_process import (
+    ExponentialDecayLengthPenalty,
+    LogitsProcessorList,
+    MinNewTokensLengthLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from ..data_model import DecodingMethod
+from .settings import GenerationSettings
+
+
+class TokenChooser:
+    """Applies penalties and sampling warpers to one request's logits and picks a token."""
+
+    def __init__(self, settings: GenerationSettings, prompt_ids: list[int], eos_ids: list[int], seed: int):
+        self.settings = settings
+        self.sampling = settings.decoding_method == DecodingMethod.SAMPLING
+        processors = LogitsProcessorList()
+        if settings.repetition_penalty is not None:
+            processors.append(RepetitionPenaltyLogitsProcessor(settings.repetition_penalty))
+        if settings.min_new_tokens > 0:
+            processors.append(
+                MinNewTokensLengthLogitsProcessor(len(prompt_ids), settings.min_new_tokens, eos_ids)
+            )
+        if settings.exponential_decay_length_penalty is not None:
+            processors.append(
+                ExponentialDecayLengthPenalty(
+                    settings.exponential_decay_length_penalty, eos_ids, len(prompt_ids)
+                )
+            )
+        if self.sampling:
+            if settings.temperature is not None and settings.temperature != 1.0:
+                processors.append(TemperatureLogitsWarper(settings.temperature))
+            if settings.top_k:
+                processors.append(TopKLogitsWarper(settings.top_k))
+            if settings.top_p is not None and settings.top_p < 1.0:
+                processors.append(TopPLogitsWarper(settings.top_p))
+            if settings.typical_p is not None and settings.typical_p < 1.0:
+                processors.append(TypicalLogitsWarper(settings.typical_p))
+        self.processors = processors
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def choose(self, logits: torch.Tensor, sequence: list[int]) -> tuple[int, float | None, int | None]:
+        """Pick the next token from `logits` (vocab,), given prompt + generated ids so far.
+
+        Returns the token and, when asked for, its log-probability and rank under the
+        model's own distribution.
+        """
+        ids = torch.tensor([sequence], dtype=torch.long)  # (1, seq_len)
+        scores = self.processors(ids, logits.unsqueeze(0).cpu())[0] if self.processors else logits.cpu()
+        if self.sampling:
+            probs = torch.softmax(scores, dim=-1)
+            token = int(torch.multinomial(probs, 1, generator=self.generator))
+        else:
+            token = int(torch.argmax(scores))
+        logprob = rank = None
+        if self.settings.include_logprobs:
+            logprob = float(torch.log_softmax(logits, dim=-1)[token])
+        if self.settings.include_ranks:
+            rank = int((logits > logits[token]).sum()) + 1
+        return token, logprob, rank
+
+
+class TextAssembler:
+    """Token ids -> text, released as soon as it is final.
+
+    Text is held back while it could still change: an unfinished multi-byte character,
+    or an ending that could be the start of a stop sequence. Stop sequences are looked
+    for in the generated text only, and are cut from it.
+    """
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_sequences: tuple[str, ...]):
+        self.tokenizer = tokenizer
+        self.stop_sequences = stop_sequences
+        self.ids: list[int] = []
+        self.text = ""
+        self.released = 0
+        self.stopped = False
+        self._prefix_offset = 0
+        self._read_offset = 0
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(
+            ids, skip_special_tokens=True, clean_up_tokenization_spaces=False
+        )
+
+    def token_text(self, token_id: int) -> str:
+        return self._decode([token_id])
+
+    def add(self, token_id: int) -> str:
+        """Add one generated token; returns text that became final (may be empty)."""
+        self.ids.append(token_id)
+        # Decoding a window that starts one token back keeps word-joining spaces right.
+        before = self._decode(self.ids[self._prefix_offset : self._read_offset])
+        after = self._decode(self.ids[self._prefix_offset :])
+        if len(after) > len(before) and not after.endswith("\ufffd"):
+            self.text += after[len(before) :]
+            self._prefix_offset = self._read_offset
+            self._read_offset = len(self.ids)
+        return self._release(final=False)
+
+    def finish(self) -> str:
+        """No more tokens: release whatever is held back."""
+        if not self.stopped and self._read_offset < len(self.ids):
+            before = self._decode(self.ids[self._prefix_offset : self._read_offset])
+            after = self._decode(self.ids[self._prefix_offset :])
+            self.text += after[len(before) :]
+            self._read_offset = len(self.ids)
+        return self._release(final=True)
+
+    def _release(self, final: bool) -> str:
+        if self.stop_sequences and not self.stopped:
+            # A stop sequence may straddle earlier text: search from where it could start.
+            start = max(0, self.released - max(len(s) for s in self.stop_sequences) + 1)
+            hits = [i for i in (self.text.find(s, start) for s in self.stop_sequences) if i >= 0]
+            if hits:
+                self.text = self.text[: min(hits)]
+                self.stopped = True
+        end = len(self.text)
+        if not final and not self.stopped:
+            end -= self._held_back()
+        end = max(end, self.released)
+        released, self.released = self.text[self.released : end], end
+        return released
+
+    def _held_back(self) -> int:
+        """Length of the longest ending of the text that begins some stop sequence."""
+        longest = 0
+        for stop in self.stop_sequences:
+            for size in range(min(len(stop) - 1, len(self.text)), longest, -1):
+                if self.text.endswith(stop[:size]):
+                    longest = size
+                    break
+        return longest

@@ -1,0 +1,68 @@
+"""TextGenerator: what a module's run() and run_stream_out() hand off to."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from caikit.core.data_model import ProducerId
+from caikit.interfaces.nlp.data_model import (
+    GeneratedTextResult,
+    GeneratedTextStreamResult,
+    GeneratedToken,
+)
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ..base_models.prefix import NO_PREFIX, PromptPrefix
+from .results import stream_results, unary_result
+from .settings import GenerationSettings
+from .stream import PreparedPrompt, prepare_prompt, stream_generation
+
+
+class TextGenerator:
+    """Generates for one model: a base model, optionally with a soft prompt."""
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        producer: ProducerId,
+        prefix: PromptPrefix = NO_PREFIX,
+    ):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.producer = producer
+        self.prefix = prefix
+
+    def _start(self, text: str, settings: GenerationSettings):
+        prompt = prepare_prompt(self.model, self.tokenizer, text, self.prefix, settings)
+        events = stream_generation(self.model, self.tokenizer, prompt, self.prefix, settings)
+        return prompt, events, self._common(text, prompt, settings)
+
+    def _common(self, text: str, prompt: PreparedPrompt, settings: GenerationSettings) -> dict:
+        input_tokens = None
+        if settings.include_input_tokens:
+            input_tokens = [
+                GeneratedToken(text=self.tokenizer.decode([i]), logprob=None, rank=None)
+                for i in prompt.ids
+            ]
+        sampling_seed = prompt.seed if settings.decoding_method.name == "SAMPLING" else None
+        return {
+            "producer": self.producer,
+            "input_token_count": len(prompt.ids),
+            "seed": sampling_seed,
+            "prefix_text": text if settings.preserve_input_text else "",
+            "input_tokens": input_tokens,
+            "with_tokens": settings.include_logprobs or settings.include_ranks,
+        }
+
+    def generate(self, text: str, settings: GenerationSettings) -> GeneratedTextResult:
+        _, events, common = self._start(text, settings)
+        return unary_result(events, **common)
+
+    def generate_stream(
+        self, text: str, settings: GenerationSettings
+    ) -> Iterator[GeneratedTextStreamResult]:
+        # Validation and tokenization happen now, so a bad request fails before the
+        # caller starts reading the stream.
+        _, events, common = self._start(text, settings)
+        return stream_results(events, **common)

@@ -1,0 +1,134 @@
+"""Prompt-tuning settings, built from a request's `tuning_type` and `tuning_config` once."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from ...data_model import (
+    PromptOutputModelType,
+    PromptTuningInitMethod,
+    TuningConfig,
+    TuningType,
+)
+
+_INIT_ALIASES = {"AVERAGE_SOURCE_TASKS": "AVERAGE_SOURCE"}
+_SOURCE_METHODS = (PromptTuningInitMethod.ONLY_SOURCE_SHARED, PromptTuningInitMethod.AVERAGE_SOURCE)
+_TUNING_CONFIG_FIELDS = (
+    "num_virtual_tokens",
+    "prompt_tuning_init_method",
+    "prompt_tuning_init_text",
+    "prompt_tuning_init_source_model",
+    "output_model_types",
+)
+MAX_VIRTUAL_TOKENS = 1024
+
+
+def parse_enum(value: Any, enum_type, field: str, aliases: dict[str, str] | None = None):
+    if isinstance(value, enum_type):
+        return value
+    if isinstance(value, str):
+        name = value.strip().upper()
+        name = (aliases or {}).get(name, name)
+        if name in enum_type.__members__:
+            return enum_type[name]
+    valid = list(enum_type.__members__) + list(aliases or {})
+    raise ValueError(f"`{field}` must be one of {valid}, got {value!r}.")
+
+
+def _tuning_config_dict(tuning_config: Any) -> dict[str, Any]:
+    if tuning_config is None:
+        raise ValueError("`tuning_config` is required; give at least `num_virtual_tokens`.")
+    if isinstance(tuning_config, TuningConfig):
+        return {name: getattr(tuning_config, name) for name in _TUNING_CONFIG_FIELDS}
+    if isinstance(tuning_config, dict):
+        unknown = sorted(set(tuning_config) - set(_TUNING_CONFIG_FIELDS))
+        if unknown:
+            raise ValueError(
+                f"`tuning_config` has unknown field(s) {unknown}; valid fields are "
+                f"{list(_TUNING_CONFIG_FIELDS)}."
+            )
+        return dict(tuning_config)
+    raise TypeError(f"`tuning_config` must be a TuningConfig or a dict, got {type(tuning_config).__name__}.")
+
+
+@dataclass(frozen=True)
+class PromptTuningSettings:
+    tuning_type: TuningType
+    num_virtual_tokens: int
+    init_method: PromptTuningInitMethod
+    init_text: str | None
+    init_source_model: str | None
+    # Where the prompt goes, encoder first: the order of the rows in the saved tensor.
+    placements: tuple[PromptOutputModelType, ...]
+
+    @classmethod
+    def from_request(
+        cls, tuning_type: Any, tuning_config: Any, is_encoder_decoder: bool
+    ) -> PromptTuningSettings:
+        config = _tuning_config_dict(tuning_config)
+        tuning = parse_enum(tuning_type or "PROMPT_TUNING", TuningType, "tuning_type")
+        if tuning == TuningType.MULTITASK_PROMPT_TUNING:
+            raise ValueError(
+                "`tuning_type` MULTITASK_PROMPT_TUNING is not available in this version; "
+                "use PROMPT_TUNING."
+            )
+        count = config.get("num_virtual_tokens")
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= MAX_VIRTUAL_TOKENS:
+            raise ValueError(
+                f"`tuning_config.num_virtual_tokens` must be an integer in 1..{MAX_VIRTUAL_TOKENS}, "
+                f"got {count!r}."
+            )
+        method = parse_enum(
+            config.get("prompt_tuning_init_method") or "RANDOM",
+            PromptTuningInitMethod,
+            "tuning_config.prompt_tuning_init_method",
+            _INIT_ALIASES,
+        )
+        text = config.get("prompt_tuning_init_text")
+        source = config.get("prompt_tuning_init_source_model")
+        if method == PromptTuningInitMethod.TEXT and not (isinstance(text, str) and text.strip()):
+            raise ValueError(
+                "`tuning_config.prompt_tuning_init_text` is required when "
+                "prompt_tuning_init_method is TEXT."
+            )
+        if method != PromptTuningInitMethod.TEXT and text:
+            raise ValueError(
+                "`tuning_config.prompt_tuning_init_text` only applies to prompt_tuning_init_method "
+                f"TEXT, but the method is {method.name}."
+            )
+        if method in _SOURCE_METHODS:
+            raise ValueError(
+                f"`tuning_config.prompt_tuning_init_method` {method.name} initialises from a "
+                "multitask source prompt and needs tuning_type MULTITASK_PROMPT_TUNING; use "
+                "RANDOM or TEXT with PROMPT_TUNING."
+            )
+        if source:
+            raise ValueError(
+                "`tuning_config.prompt_tuning_init_source_model` only applies to the source "
+                "init methods (ONLY_SOURCE_SHARED, AVERAGE_SOURCE)."
+            )
+        return cls(
+            tuning_type=tuning,
+            num_virtual_tokens=count,
+            init_method=method,
+            init_text=text if method == PromptTuningInitMethod.TEXT else None,
+            init_source_model=None,
+            placements=_placements(config.get("output_model_types"), is_encoder_decoder),
+        )
+
+
+def _placements(value: Any, is_encoder_decoder: bool) -> tuple[PromptOutputModelType, ...]:
+    field = "tuning_config.output_model_types"
+    if not value:
+        default = PromptOutputModelType.ENCODER if is_encoder_decoder else PromptOutputModelType.DECODER
+        return (default,)
+    if isinstance(value, str):
+        value = [value]
+    chosen = {parse_enum(v, PromptOutputModelType, field) for v in value}
+    if not is_encoder_decoder and PromptOutputModelType.ENCODER in chosen:
+        raise ValueError(
+            f"`{field}` ENCODER needs an encoder-decoder model; a causal LM only has a DECODER."
+        )
+    # Encoder rows first, as PEFT lays out two-stack prompts.
+    return tuple(t for t in (PromptOutputModelType.ENCODER, PromptOutputModelType.DECODER) if t in chosen)

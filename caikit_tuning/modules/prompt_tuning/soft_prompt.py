@@ -1,0 +1,95 @@
+"""The soft prompt: learned input vectors, their initialisation and their PEFT file format."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from peft import PromptTuningConfig, TaskType
+from safetensors.torch import load_file, save_file
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from ...base_models.prefix import PromptPrefix
+from ...data_model import PromptOutputModelType, PromptTuningInitMethod
+from .settings import PromptTuningSettings
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# The tensor name PEFT uses for prompt-tuning weights.
+_WEIGHTS_KEY = "prompt_embeddings"
+
+
+class SoftPrompt(torch.nn.Module):
+    """`num_virtual_tokens` vectors per placement, stored as one (rows, hidden) tensor
+    with the encoder's rows first, as PEFT stores two-stack prompts."""
+
+    def __init__(self, weight: torch.Tensor, placements: tuple[PromptOutputModelType, ...]):
+        super().__init__()
+        if weight.shape[0] % len(placements):
+            raise ValueError(
+                f"prompt has {weight.shape[0]} rows, not a multiple of {len(placements)} placements."
+            )
+        self.weight = torch.nn.Parameter(weight.float())  # (rows, hidden), kept in float32
+        self.placements = placements
+        self.num_virtual_tokens = weight.shape[0] // len(placements)
+
+    def prefix(self) -> PromptPrefix:
+        parts = dict(zip(self.placements, self.weight.split(self.num_virtual_tokens), strict=True))
+        return PromptPrefix(
+            encoder=parts.get(PromptOutputModelType.ENCODER),
+            decoder=parts.get(PromptOutputModelType.DECODER),
+        )
+
+
+def initial_weight(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    settings: PromptTuningSettings,
+    generator: torch.Generator,
+) -> torch.Tensor:
+    """The starting prompt, (num_virtual_tokens * placements, hidden), float32 on CPU."""
+    embeddings = model.get_input_embeddings().weight.detach().float().cpu()  # (vocab, hidden)
+    count = settings.num_virtual_tokens
+    if settings.init_method == PromptTuningInitMethod.TEXT:
+        ids = tokenizer(settings.init_text, add_special_tokens=False)["input_ids"]
+        if not ids:
+            raise ValueError("`tuning_config.prompt_tuning_init_text` tokenizes to nothing.")
+        # Repeat the text's tokens to fill every virtual token, as PEFT does.
+        ids = (ids * (count // len(ids) + 1))[:count]
+        one = embeddings[torch.tensor(ids)]
+    else:
+        # Random vectors at the scale of the model's own token embeddings: a unit-normal
+        # prompt would dwarf the real tokens next to it.
+        std = embeddings.std().item()
+        one = torch.randn(count, embeddings.shape[1], generator=generator) * std
+    return one.repeat(len(settings.placements), 1).clone()
+
+
+def save_adapter(
+    folder: Path,
+    prompt: SoftPrompt,
+    is_encoder_decoder: bool,
+    base_model_name_or_path: str,
+) -> None:
+    """Write the prompt as a standard PEFT prompt-tuning adapter."""
+    config = PromptTuningConfig(
+        task_type=TaskType.SEQ_2_SEQ_LM if is_encoder_decoder else TaskType.CAUSAL_LM,
+        num_virtual_tokens=prompt.num_virtual_tokens,
+        token_dim=prompt.weight.shape[1],
+        num_transformer_submodules=len(prompt.placements),
+        base_model_name_or_path=base_model_name_or_path,
+        inference_mode=True,
+    )
+    config.save_pretrained(str(folder))
+    save_file({_WEIGHTS_KEY: prompt.weight.detach().cpu().contiguous()}, str(folder / ADAPTER_WEIGHTS))
+
+
+def load_adapter(folder: Path, placements: tuple[PromptOutputModelType, ...]) -> SoftPrompt:
+    config = json.loads((folder / ADAPTER_CONFIG).read_text())
+    if config.get("peft_type") != "PROMPT_TUNING":
+        raise ValueError(f"{folder / ADAPTER_CONFIG} is not a prompt-tuning adapter: {config.get('peft_type')!r}.")
+    tensors = load_file(str(folder / ADAPTER_WEIGHTS))
+    if _WEIGHTS_KEY not in tensors:
+        raise ValueError(f"{folder / ADAPTER_WEIGHTS} holds no `{_WEIGHTS_KEY}` tensor.")
+    return SoftPrompt(tensors[_WEIGHTS_KEY], placements)

@@ -1,0 +1,63 @@
+"""Language-model loss over target tokens only, with optional soft prompts in front."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from ..base_models.prefix import PromptPrefix, embed_with_prefix
+from ..data.batching import Batch
+
+
+def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    forward = getattr(model, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
+
+
+def summed_token_loss(model: PreTrainedModel, batch: Batch, prefix: PromptPrefix) -> torch.Tensor:
+    """Sum of the cross-entropy of every target token in `batch` (a scalar).
+
+    The caller divides by the number of target tokens of the whole accumulation window,
+    so micro-batches of different sizes are weighted per token.
+    """
+    if model.config.is_encoder_decoder:
+        return _seq2seq_loss(model, batch, prefix)
+    return _causal_loss(model, batch, prefix)
+
+
+def _causal_loss(model: PreTrainedModel, batch: Batch, prefix: PromptPrefix) -> torch.Tensor:
+    embeds, mask = embed_with_prefix(model, batch.input_ids, batch.attention_mask, prefix.decoder)
+    # Project only the positions that predict a target token onto the vocabulary:
+    # for short answers that skips almost all of the LM head's work.
+    positions = batch.target_positions + PromptPrefix.length(prefix.decoder)  # (batch, n_targets)
+    if _accepts_logits_to_keep(model):
+        logits = model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=positions).logits
+    else:
+        full = model(inputs_embeds=embeds, attention_mask=mask).logits  # (batch, seq, vocab)
+        logits = torch.take_along_dim(full, positions[..., None], dim=1)
+    # logits: (batch, n_targets, vocab)
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch.target_ids.flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+def _seq2seq_loss(model: PreTrainedModel, batch: Batch, prefix: PromptPrefix) -> torch.Tensor:
+    encoder_embeds, encoder_mask = embed_with_prefix(
+        model, batch.input_ids, batch.attention_mask, prefix.encoder
+    )
+    decoder_embeds, decoder_mask = embed_with_prefix(
+        model, batch.decoder_input_ids, batch.decoder_attention_mask, prefix.decoder
+    )
+    logits = model(
+        inputs_embeds=encoder_embeds,
+        attention_mask=encoder_mask,
+        decoder_inputs_embeds=decoder_embeds,
+        decoder_attention_mask=decoder_mask,
+    ).logits  # (batch, virtual + n_targets, vocab)
+    logits = logits[:, PromptPrefix.length(prefix.decoder) :]
+    return F.cross_entropy(
+        logits.flatten(0, 1).float(), batch.target_ids.flatten(), ignore_index=-100, reduction="sum"
+    )
