@@ -19,11 +19,11 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-from transformers.utils import logging as hf_logging
 from transformers.models.auto.modeling_auto import (
     MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
     MODEL_FOR_SEQ_TO_SEQ_CAUSAL_LM_MAPPING_NAMES,
 )
+from transformers.utils import logging as hf_logging
 
 from .paths import is_hub_id, resolve_under
 
@@ -97,7 +97,7 @@ def locate_base_model(base_model: str | BaseModelSource, field: str = "base_mode
     if not isinstance(base_model, str) or not base_model.strip():
         raise ValueError(f"`{field}` must name a base model folder or name, got {base_model!r}.")
     restricted = bool(_library_config().get("restrict_base_models_to_dir", False))
-    if not restricted and _is_model_folder(Path(base_model).expanduser()):
+    if not restricted and Path(base_model).expanduser().is_dir():
         return _locate_path(base_model, field)
     return _locate_name(base_model, field)
 
@@ -158,13 +158,17 @@ def load_tokenizer(located: LocatedModel) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(
-    located: LocatedModel, dtype: torch.dtype, device: torch.device
-) -> PreTrainedModel:
+def load_model(located: LocatedModel, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
     """Load weights (safetensors only) in `dtype` onto `device`, in eval mode."""
     config = load_model_config(located)
     auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
     log.info("loading base model %s (%s, %s)", located.source, dtype, device)
+    if located.local and not any(Path(located.location).glob("*.safetensors")):
+        raise ValueError(
+            f"base model {located.source} has no safetensors weights in {located.location}; "
+            "only safetensors are loaded (pickled .bin/.pt weights can run code). Convert it "
+            "with save_pretrained(..., safe_serialization=True)."
+        )
     model = auto_class.from_pretrained(
         located.location,
         dtype=dtype,

@@ -22,9 +22,7 @@ def resolve_under(root: str | Path, name: str, field: str) -> Path:
         )
     parts = re.split(r"[\\/]", name)
     if any(part in ("..", ".", "") for part in parts):
-        raise ValueError(
-            f"`{field}` must not contain '..', '.' or empty path parts, got {name!r}."
-        )
+        raise ValueError(f"`{field}` must not contain '..', '.' or empty path parts, got {name!r}.")
     root_path = Path(root).resolve()
     candidate = (root_path / name).resolve()
     if not candidate.is_relative_to(root_path):

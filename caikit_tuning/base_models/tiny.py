@@ -23,7 +23,9 @@ SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>"]
 PAD, EOS, UNK, BOS = range(4)
 
 
-def build_tokenizer(texts: Iterable[str], vocab_size: int, add_bos: bool) -> PreTrainedTokenizerFast:
+def build_tokenizer(
+    texts: Iterable[str], vocab_size: int, add_bos: bool
+) -> PreTrainedTokenizerFast:
     """A byte-level BPE tokenizer; causal models get BOS in front, seq2seq EOS at the end."""
     tokenizer = Tokenizer(models.BPE(unk_token="<unk>"))
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)

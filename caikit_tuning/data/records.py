@@ -32,7 +32,9 @@ def collect_records(
     """
     if stream is None:
         if required:
-            raise ValueError(f"`{field}` is required: give training records with `input` and `output`.")
+            raise ValueError(
+                f"`{field}` is required: give training records with `input` and `output`."
+            )
         return []
     records: list[dict[str, str]] = []
     for index, raw in enumerate(stream):

@@ -32,7 +32,9 @@ def encode_sources(
     return [_truncate_left(row, max_length, tokenizer) for row in ids]
 
 
-def _truncate_left(ids: list[int], max_length: int, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+def _truncate_left(
+    ids: list[int], max_length: int, tokenizer: PreTrainedTokenizerBase
+) -> list[int]:
     if len(ids) <= max_length:
         return ids
     bos = tokenizer.bos_token_id

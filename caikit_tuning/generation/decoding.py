@@ -22,7 +22,9 @@ from .settings import GenerationSettings
 class TokenChooser:
     """Applies penalties and sampling warpers to one request's logits and picks a token."""
 
-    def __init__(self, settings: GenerationSettings, prompt_ids: list[int], eos_ids: list[int], seed: int):
+    def __init__(
+        self, settings: GenerationSettings, prompt_ids: list[int], eos_ids: list[int], seed: int
+    ):
         self.settings = settings
         self.sampling = settings.decoding_method == DecodingMethod.SAMPLING
         processors = LogitsProcessorList()
@@ -50,14 +52,18 @@ class TokenChooser:
         self.processors = processors
         self.generator = torch.Generator().manual_seed(seed)
 
-    def choose(self, logits: torch.Tensor, sequence: list[int]) -> tuple[int, float | None, int | None]:
+    def choose(
+        self, logits: torch.Tensor, sequence: list[int]
+    ) -> tuple[int, float | None, int | None]:
         """Pick the next token from `logits` (vocab,), given prompt + generated ids so far.
 
         Returns the token and, when asked for, its log-probability and rank under the
         model's own distribution.
         """
         ids = torch.tensor([sequence], dtype=torch.long)  # (1, seq_len)
-        scores = self.processors(ids, logits.unsqueeze(0).cpu())[0] if self.processors else logits.cpu()
+        scores = (
+            self.processors(ids, logits.unsqueeze(0).cpu())[0] if self.processors else logits.cpu()
+        )
         if self.sampling:
             probs = torch.softmax(scores, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
@@ -99,6 +105,8 @@ class TextAssembler:
 
     def add(self, token_id: int) -> str:
         """Add one generated token; returns text that became final (may be empty)."""
+        if self.stopped:
+            return ""
         self.ids.append(token_id)
         # Decoding a window that starts one token back keeps word-joining spaces right.
         before = self._decode(self.ids[self._prefix_offset : self._read_offset])

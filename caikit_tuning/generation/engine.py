@@ -39,7 +39,9 @@ class DecodingSession:
         if self.is_encoder_decoder:
             return self._prefill_seq2seq()
         embeds, self._mask = embed_with_prefix(self.model, self._ids, None, self._prefix.decoder)
-        out = self.model(inputs_embeds=embeds, attention_mask=self._mask, use_cache=True, **self._keep_last)
+        out = self.model(
+            inputs_embeds=embeds, attention_mask=self._mask, use_cache=True, **self._keep_last
+        )
         self._cache = out.cache
         return out.logits[0, -1].float()
 
@@ -75,6 +77,8 @@ class DecodingSession:
             )
         else:
             self._mask = torch.cat([self._mask, self._mask.new_ones(1, 1)], dim=1)
-            out = self.model(input_ids=token, attention_mask=self._mask, cache=self._cache, use_cache=True)
+            out = self.model(
+                input_ids=token, attention_mask=self._mask, cache=self._cache, use_cache=True
+            )
         self._cache = out.cache
         return out.logits[0, -1].float()

@@ -16,9 +16,7 @@ def _enum(value: Any, enum_type, field: str):
         return value
     if isinstance(value, str) and value.upper() in enum_type.__members__:
         return enum_type[value.upper()]
-    raise ValueError(
-        f"`{field}` must be one of {list(enum_type.__members__)}, got {value!r}."
-    )
+    raise ValueError(f"`{field}` must be one of {list(enum_type.__members__)}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -78,7 +76,9 @@ class GenerationSettings:
         set_("exponential_decay_length_penalty", _decay(self.exponential_decay_length_penalty))
         set_("stop_sequences", _stops(self.stop_sequences))
         if self.num_beams > 1 and (self.include_logprobs or self.include_ranks):
-            raise ValueError("`include_logprobs` / `include_ranks` are not available with `num_beams` > 1.")
+            raise ValueError(
+                "`include_logprobs` / `include_ranks` are not available with `num_beams` > 1."
+            )
 
     @classmethod
     def from_request(cls, **values: Any) -> GenerationSettings:
@@ -131,7 +131,9 @@ def _stops(value: Any) -> tuple[str, ...]:
         raise TypeError("`stop_sequences` must be a list of strings, got a single string.")
     stops = tuple(value)
     if len(stops) > MAX_STOP_SEQUENCES:
-        raise ValueError(f"`stop_sequences` may hold at most {MAX_STOP_SEQUENCES} entries, got {len(stops)}.")
+        raise ValueError(
+            f"`stop_sequences` may hold at most {MAX_STOP_SEQUENCES} entries, got {len(stops)}."
+        )
     for stop in stops:
         if not isinstance(stop, str) or not stop:
             raise ValueError(f"`stop_sequences` entries must be non-empty strings, got {stop!r}.")

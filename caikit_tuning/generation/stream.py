@@ -115,7 +115,11 @@ def stream_generation(
                 finish = FinishReason.TOKEN_LIMIT
             if finish is not None:
                 text += assembler.finish()
-        token_text = assembler.token_text(token) if settings.include_logprobs or settings.include_ranks else None
+        token_text = (
+            assembler.token_text(token)
+            if settings.include_logprobs or settings.include_ranks
+            else None
+        )
         yield TokenEvent(token, text, token_text, logprob, rank, count, finish)
         if finish is not None:
             return

@@ -29,7 +29,9 @@ def resolve_device(device: str | None) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as err:
-        raise ValueError(f"`device` {device!r} is not a torch device (try 'cpu' or 'cuda').") from err
+        raise ValueError(
+            f"`device` {device!r} is not a torch device (try 'cpu' or 'cuda')."
+        ) from err
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"`device` is {device!r} but no CUDA device is available; use 'cpu'.")
     if resolved.type not in ("cpu", "cuda", "mps"):
@@ -42,7 +44,9 @@ def bf16_supported(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         # Native bf16 matmuls (AVX512-BF16 / AMX); elsewhere bf16 is emulated and slow.
-        return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
     return False
 
 

@@ -73,7 +73,9 @@ def train(
         optimizer, lambda step: max(0.0, 1.0 - step / total_steps)
     )
     autocast = (
-        torch.autocast(device.type, dtype=amp_dtype) if amp_dtype is not None else contextlib.nullcontext()
+        torch.autocast(device.type, dtype=amp_dtype)
+        if amp_dtype is not None
+        else contextlib.nullcontext()
     )
     result = TrainingResult()
     pending: list[tuple[dict, torch.Tensor]] = []
@@ -81,9 +83,14 @@ def train(
     started = time.perf_counter()
     model.train()
     for epoch in range(settings.num_epochs):
-        order = length_grouped_batches(lengths, settings.batch_size, generator, settings.group_by_length)
+        order = length_grouped_batches(
+            lengths, settings.batch_size, generator, settings.group_by_length
+        )
         for window_start in range(0, len(order), settings.accumulate_steps):
-            window = [collate([examples[i] for i in idx]) for idx in order[window_start : window_start + settings.accumulate_steps]]
+            window = [
+                collate([examples[i] for i in idx])
+                for idx in order[window_start : window_start + settings.accumulate_steps]
+            ]
             window_tokens = sum(batch.num_target_tokens for batch in window)
             step_loss = torch.zeros((), device=device)
             for batch in window:
@@ -116,8 +123,12 @@ def train(
                 _flush(pending, result, progress)
         if val_examples:
             _flush(pending, result, progress)
-            val_loss = evaluate_loss(model, loss_fn, val_examples, collate, settings.batch_size, device, autocast)
-            result.logs.append({"step": result.steps, "epoch": epoch + 1, "validation_loss": round(val_loss, 6)})
+            val_loss = evaluate_loss(
+                model, loss_fn, val_examples, collate, settings.batch_size, device, autocast
+            )
+            result.logs.append(
+                {"step": result.steps, "epoch": epoch + 1, "validation_loss": round(val_loss, 6)}
+            )
             model.train()
     _flush(pending, result, progress)
     progress.close()

@@ -62,7 +62,9 @@ def test_length_grouping_covers_every_index_once_and_groups_lengths():
     batches = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(0))
     assert sorted(i for b in batches for i in b) == list(range(400))
     spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in batches)
-    plain = length_grouped_batches(lengths, 8, torch.Generator().manual_seed(0), group_by_length=False)
+    plain = length_grouped_batches(
+        lengths, 8, torch.Generator().manual_seed(0), group_by_length=False
+    )
     plain_spread = sum(max(lengths[i] for i in b) - min(lengths[i] for i in b) for b in plain)
     assert spread < plain_spread / 5
 

@@ -4,12 +4,12 @@ import json
 import subprocess
 import sys
 
+import caikit
 import pytest
 import torch
 from caikit.core.data_model import DataStream
 from caikit.interfaces.nlp.data_model import FinishReason
 
-import caikit
 from caikit_tuning import PeftPromptTuning, TrainGenerationRecord, TuningConfig
 
 VERBALIZER = "Review: {{input}} Sentiment:"
@@ -49,7 +49,9 @@ def test_loss_goes_down(tiny_llama, train_rows):
     losses = [entry["loss"] for entry in model.training_logs if "loss" in entry]
     assert len(losses) == 50
     assert losses[-1] < 0.5 * losses[0]
-    assert model.run("a wonderful and moving film", max_new_tokens=4).generated_text.startswith("positive")
+    assert model.run("a wonderful and moving film", max_new_tokens=4).generated_text.startswith(
+        "positive"
+    )
 
 
 def test_same_seed_same_prompt_vectors(tiny_llama, train_rows):
@@ -64,7 +66,13 @@ def test_accumulation_matches_one_big_batch(tiny_llama, train_rows):
     # Two micro-batches of 4 per step give the same update as one batch of 8.
     big = tune("tiny-llama", train_rows, n=16, num_epochs=1, batch_size=8, learning_rate=0.1)
     acc = tune(
-        "tiny-llama", train_rows, n=16, num_epochs=1, batch_size=4, accumulate_steps=2, learning_rate=0.1
+        "tiny-llama",
+        train_rows,
+        n=16,
+        num_epochs=1,
+        batch_size=4,
+        accumulate_steps=2,
+        learning_rate=0.1,
     )
     assert len([e for e in acc.training_logs if "loss" in e]) == 2
     # Length grouping orders examples differently per batch size; compare the losses.
@@ -79,7 +87,9 @@ def test_text_init_starts_from_the_text_embeddings(tiny_llama, train_rows):
         num_epochs=1,
         learning_rate=1e-9,
         tuning_config=TuningConfig(
-            num_virtual_tokens=3, prompt_tuning_init_method="TEXT", prompt_tuning_init_text="positive"
+            num_virtual_tokens=3,
+            prompt_tuning_init_method="TEXT",
+            prompt_tuning_init_text="positive",
         ),
     )
     tokenizer = model.base.tokenizer
@@ -90,7 +100,11 @@ def test_text_init_starts_from_the_text_embeddings(tiny_llama, train_rows):
 
 def test_validation_loss_is_logged_per_epoch(tiny_llama, train_rows):
     model = tune(
-        "tiny-llama", train_rows, n=16, num_epochs=2, val_stream=DataStream.from_iterable(records(train_rows[100:], 8))
+        "tiny-llama",
+        train_rows,
+        n=16,
+        num_epochs=2,
+        val_stream=DataStream.from_iterable(records(train_rows[100:], 8)),
     )
     validation = [e for e in model.training_logs if "validation_loss" in e]
     assert [e["epoch"] for e in validation] == [1, 2]
@@ -106,7 +120,9 @@ def test_streaming_yields_per_token_and_joins_to_unary(which, llama_model, t5_mo
     assert chunks[-1].details.finish_reason == FinishReason.MAX_TOKENS
     assert chunks[0].details.finish_reason == FinishReason.NOT_FINISHED
     assert unary.generated_tokens == 6 and unary.finish_reason == FinishReason.MAX_TOKENS
-    expected_input = len(model.base.tokenizer(model.verbalizer.render({"input": "a fine film"}))["input_ids"])
+    expected_input = len(
+        model.base.tokenizer(model.verbalizer.render({"input": "a fine film"}))["input_ids"]
+    )
     assert unary.input_token_count == expected_input
 
 
@@ -118,7 +134,12 @@ def test_stream_is_produced_while_generating(llama_model):
     assert sum(1 for _ in stream) == 49
 
 
-EXPECTED_FILES = ["adapter_config.json", "adapter_model.safetensors", "config.yml", "training_logs.jsonl"]
+EXPECTED_FILES = [
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "config.yml",
+    "training_logs.jsonl",
+]
 
 RUN_IN_FRESH_PROCESS = """
 import json, sys, caikit, caikit_tuning
@@ -162,7 +183,9 @@ def test_saved_config_records_base_model_by_name(llama_model, tmp_path):
 
 
 @pytest.mark.parametrize("which", ["llama", "t5"])
-def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(which, llama_model, t5_model, tmp_path):
+def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(
+    which, llama_model, t5_model, tmp_path
+):
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
@@ -171,7 +194,9 @@ def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(which, llama_mo
     folder = model.base.source
     auto = AutoModelForSeq2SeqLM if which == "t5" else AutoModelForCausalLM
     base_dir = caikit.get_config().base_models_dir + "/" + folder.name
-    peft_model = PeftModel.from_pretrained(auto.from_pretrained(base_dir), str(tmp_path / "m")).eval()
+    peft_model = PeftModel.from_pretrained(
+        auto.from_pretrained(base_dir), str(tmp_path / "m")
+    ).eval()
     tokenizer = model.base.tokenizer
     ids = tokenizer(["Review: a fine film Sentiment:"], return_tensors="pt")
     with torch.no_grad():
@@ -179,7 +204,9 @@ def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(which, llama_mo
             decoder_ids = torch.tensor([[0, 5, 6]])
             theirs = peft_model(**ids, decoder_input_ids=decoder_ids).logits
             embeds, mask = _embed(model, ids, "encoder")
-            ours = model.base.model(inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids).logits
+            ours = model.base.model(
+                inputs_embeds=embeds, attention_mask=mask, decoder_input_ids=decoder_ids
+            ).logits
         else:
             theirs = peft_model(**ids).logits
             embeds, mask = _embed(model, ids, "decoder")
@@ -196,7 +223,13 @@ def _embed(model, ids, where):
 
 @pytest.mark.parametrize("types", [["ENCODER"], ["DECODER"], ["ENCODER", "DECODER"]])
 def test_seq2seq_prompt_placements_all_train_and_reload(types, tiny_t5, train_rows, tmp_path):
-    model = tune("tiny-t5", train_rows, n=16, num_epochs=1, tuning_config=TuningConfig(num_virtual_tokens=3, output_model_types=types))
+    model = tune(
+        "tiny-t5",
+        train_rows,
+        n=16,
+        num_epochs=1,
+        tuning_config=TuningConfig(num_virtual_tokens=3, output_model_types=types),
+    )
     prefix = model.prompt.prefix()
     assert (prefix.encoder is not None) == ("ENCODER" in types)
     assert (prefix.decoder is not None) == ("DECODER" in types)
@@ -236,7 +269,9 @@ def test_failed_save_keeps_the_previous_model(llama_model, tmp_path, monkeypatch
 
     llama_model.save(str(tmp_path / "m"))
     before = (tmp_path / "m" / "adapter_model.safetensors").read_bytes()
-    monkeypatch.setattr(peft_prompt_tuning, "save_adapter", lambda *a, **k: (_ for _ in ()).throw(OSError("x")))
+    monkeypatch.setattr(
+        peft_prompt_tuning, "save_adapter", lambda *a, **k: (_ for _ in ()).throw(OSError("x"))
+    )
     with pytest.raises(OSError):
         llama_model.save(str(tmp_path / "m"))
     assert (tmp_path / "m" / "adapter_model.safetensors").read_bytes() == before

@@ -1,6 +1,5 @@
 """PeftPromptTuning: learn a soft prompt for a frozen causal-LM or seq2seq base model."""
 
-
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -25,7 +24,14 @@ from ...base_models import (
     write_jsonl,
 )
 from ...data import Verbalizer, build_examples, collator_for, collect_records
-from ...data_model import ExponentialDecayLengthPenalty, TrainGenerationRecord, TuningConfig
+from ...data_model import (
+    ExponentialDecayLengthPenalty,
+    PromptOutputModelType,
+    PromptTuningInitMethod,
+    TrainGenerationRecord,
+    TuningConfig,
+    TuningType,
+)
 from ...generation import GenerationSettings, TextGenerator
 from ...training import (
     TrainingSettings,
@@ -36,7 +42,6 @@ from ...training import (
     summed_token_loss,
 )
 from ...training import train as run_training
-from ...data_model import PromptOutputModelType, PromptTuningInitMethod, TuningType
 from .settings import PromptTuningSettings, parse_enum
 from .soft_prompt import SoftPrompt, initial_weight, load_adapter, save_adapter
 
@@ -152,12 +157,18 @@ class PeftPromptTuning(ModuleBase):
         base = load_base(located, dtype, device_)
         examples, val_examples = (
             build_examples(
-                base.tokenizer, rows, template.render, training.max_source_length, training.max_target_length
+                base.tokenizer,
+                rows,
+                template.render,
+                training.max_source_length,
+                training.max_target_length,
             )
             for rows in (records, val_records)
         )
         prompt = SoftPrompt(
-            initial_weight(base.model, base.tokenizer, settings, torch.Generator().manual_seed(training.seed)),
+            initial_weight(
+                base.model, base.tokenizer, settings, torch.Generator().manual_seed(training.seed)
+            ),
             settings.placements,
         ).to(device_)
         base.model.requires_grad_(False)
@@ -180,7 +191,12 @@ class PeftPromptTuning(ModuleBase):
         )
         if training.gradient_checkpointing:
             base.model.gradient_checkpointing_disable()
-        log.info("trained %d steps in %.1fs, final loss %s", result.steps, result.seconds, result.final_loss)
+        log.info(
+            "trained %d steps in %.1fs, final loss %s",
+            result.steps,
+            result.seconds,
+            result.final_loss,
+        )
         training_config = {
             **training.to_config(),
             "torch_dtype": str(dtype).removeprefix("torch."),
@@ -307,11 +323,16 @@ class PeftPromptTuning(ModuleBase):
             raise ValueError(f"cannot load the prompt model at {folder}: {err}") from err
         device_ = resolve_device(device)
         dtype = resolve_dtype(torch_dtype or caikit.get_config().get("torch_dtype"), device_)
-        placements = tuple(parse_enum(p, PromptOutputModelType, "output_model_types") for p in config.output_model_types)
+        placements = tuple(
+            parse_enum(p, PromptOutputModelType, "output_model_types")
+            for p in config.output_model_types
+        )
         settings = PromptTuningSettings(
             tuning_type=parse_enum(config.tuning_type, TuningType, "tuning_type"),
             num_virtual_tokens=int(config.num_virtual_tokens),
-            init_method=parse_enum(config.prompt_tuning_init_method, PromptTuningInitMethod, "init"),
+            init_method=parse_enum(
+                config.prompt_tuning_init_method, PromptTuningInitMethod, "init"
+            ),
             init_text=None,
             init_source_model=None,
             placements=placements,

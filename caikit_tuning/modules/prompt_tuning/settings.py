@@ -49,7 +49,9 @@ def _tuning_config_dict(tuning_config: Any) -> dict[str, Any]:
                 f"{list(_TUNING_CONFIG_FIELDS)}."
             )
         return dict(tuning_config)
-    raise TypeError(f"`tuning_config` must be a TuningConfig or a dict, got {type(tuning_config).__name__}.")
+    raise TypeError(
+        f"`tuning_config` must be a TuningConfig or a dict, got {type(tuning_config).__name__}."
+    )
 
 
 @dataclass(frozen=True)
@@ -74,7 +76,11 @@ class PromptTuningSettings:
                 "use PROMPT_TUNING."
             )
         count = config.get("num_virtual_tokens")
-        if isinstance(count, bool) or not isinstance(count, int) or not 0 < count <= MAX_VIRTUAL_TOKENS:
+        if (
+            isinstance(count, bool)
+            or not isinstance(count, int)
+            or not 0 < count <= MAX_VIRTUAL_TOKENS
+        ):
             raise ValueError(
                 f"`tuning_config.num_virtual_tokens` must be an integer in 1..{MAX_VIRTUAL_TOKENS}, "
                 f"got {count!r}."
@@ -121,7 +127,9 @@ class PromptTuningSettings:
 def _placements(value: Any, is_encoder_decoder: bool) -> tuple[PromptOutputModelType, ...]:
     field = "tuning_config.output_model_types"
     if not value:
-        default = PromptOutputModelType.ENCODER if is_encoder_decoder else PromptOutputModelType.DECODER
+        default = (
+            PromptOutputModelType.ENCODER if is_encoder_decoder else PromptOutputModelType.DECODER
+        )
         return (default,)
     if isinstance(value, str):
         value = [value]
@@ -131,4 +139,6 @@ def _placements(value: Any, is_encoder_decoder: bool) -> tuple[PromptOutputModel
             f"`{field}` ENCODER needs an encoder-decoder model; a causal LM only has a DECODER."
         )
     # Encoder rows first, as PEFT lays out two-stack prompts.
-    return tuple(t for t in (PromptOutputModelType.ENCODER, PromptOutputModelType.DECODER) if t in chosen)
+    return tuple(
+        t for t in (PromptOutputModelType.ENCODER, PromptOutputModelType.DECODER) if t in chosen
+    )

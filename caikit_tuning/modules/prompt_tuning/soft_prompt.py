@@ -82,13 +82,17 @@ def save_adapter(
         inference_mode=True,
     )
     config.save_pretrained(str(folder))
-    save_file({_WEIGHTS_KEY: prompt.weight.detach().cpu().contiguous()}, str(folder / ADAPTER_WEIGHTS))
+    save_file(
+        {_WEIGHTS_KEY: prompt.weight.detach().cpu().contiguous()}, str(folder / ADAPTER_WEIGHTS)
+    )
 
 
 def load_adapter(folder: Path, placements: tuple[PromptOutputModelType, ...]) -> SoftPrompt:
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "PROMPT_TUNING":
-        raise ValueError(f"{folder / ADAPTER_CONFIG} is not a prompt-tuning adapter: {config.get('peft_type')!r}.")
+        raise ValueError(
+            f"{folder / ADAPTER_CONFIG} is not a prompt-tuning adapter: {config.get('peft_type')!r}."
+        )
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     if _WEIGHTS_KEY not in tensors:
         raise ValueError(f"{folder / ADAPTER_WEIGHTS} holds no `{_WEIGHTS_KEY}` tensor.")

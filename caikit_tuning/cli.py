@@ -1,0 +1,33 @@
+"""`caikit-tuning`: prepare the bundled model, serve the runtime."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _prepare_model(args: argparse.Namespace) -> int:
+    import caikit
+
+    import caikit_tuning  # noqa: F401  (configures caikit)
+    from caikit_tuning.base_models.smollm2 import prepare_smollm2
+
+    folder = prepare_smollm2(args.base_models_dir or caikit.get_config().base_models_dir)
+    print(folder)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="caikit-tuning", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+    prepare = commands.add_parser(
+        "prepare-model", help="convert the bundled SmolLM2-135M-Instruct into base_models_dir"
+    )
+    prepare.add_argument("--base-models-dir", help="default: the configured base_models_dir")
+    prepare.set_defaults(handler=_prepare_model)
+    args = parser.parse_args(argv)
+    return args.handler(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+import pytest
+
+from caikit_tuning.data_model import DecodingMethod
+from caikit_tuning.generation import GenerationSettings
+
+
+def test_defaults_and_request_nones():
+    settings = GenerationSettings.from_request(max_new_tokens=None, top_k=None)
+    assert settings.max_new_tokens == 20
+    assert settings.decoding_method == DecodingMethod.GREEDY
+
+
+def test_decoding_method_accepts_names_and_enums():
+    assert GenerationSettings(decoding_method="sampling").decoding_method == DecodingMethod.SAMPLING
+    assert (
+        GenerationSettings(decoding_method=DecodingMethod.GREEDY).decoding_method
+        == DecodingMethod.GREEDY
+    )
+
+
+@pytest.mark.parametrize(
+    ("values", "error", "message"),
+    [
+        ({"max_new_tokens": 0}, ValueError, "`max_new_tokens` must be >= 1"),
+        ({"max_new_tokens": "5"}, TypeError, "`max_new_tokens` must be an integer"),
+        ({"min_new_tokens": 30, "max_new_tokens": 10}, ValueError, "must not exceed"),
+        ({"top_k": 5}, ValueError, "`top_k` only apply to decoding_method SAMPLING"),
+        ({"temperature": 0.5, "seed": 1}, ValueError, "`temperature`, `seed` only apply"),
+        ({"decoding_method": "SAMPLING", "top_p": 0.0}, ValueError, r"`top_p` must be in \(0, 1\]"),
+        ({"decoding_method": "SAMPLING", "top_p": 1.5}, ValueError, r"`top_p` must be in \(0, 1\]"),
+        ({"decoding_method": "SAMPLING", "typical_p": -1}, ValueError, "`typical_p`"),
+        (
+            {"decoding_method": "SAMPLING", "temperature": 0},
+            ValueError,
+            "`temperature` must be > 0",
+        ),
+        (
+            {"decoding_method": "BEAM"},
+            ValueError,
+            r"`decoding_method` must be one of \['GREEDY', 'SAMPLING'\]",
+        ),
+        ({"repetition_penalty": 0}, ValueError, "`repetition_penalty` must be > 0"),
+        ({"max_time": -1.0}, ValueError, "`max_time` must be > 0"),
+        ({"stop_sequences": "stop"}, TypeError, "list of strings"),
+        ({"stop_sequences": [""]}, ValueError, "non-empty strings"),
+        ({"truncate_input_tokens": -1}, ValueError, "`truncate_input_tokens` must be >= 0"),
+        (
+            {"exponential_decay_length_penalty": (5, 0.5)},
+            ValueError,
+            "decay_factor` must be >= 1.0",
+        ),
+        ({"exponential_decay_length_penalty": 5}, ValueError, r"\(start_index, decay_factor\)"),
+        ({"bogus": 1}, ValueError, r"unknown generation parameter\(s\) \['bogus'\]"),
+    ],
+)
+def test_invalid_values_name_the_field(values, error, message):
+    with pytest.raises(error, match=message):
+        GenerationSettings.from_request(**values)
