@@ -17,6 +17,13 @@ def _prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from caikit_tuning.runtime.server import serve
+
+    serve(args.config, args.host)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="caikit-tuning", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -25,6 +32,14 @@ def main(argv: list[str] | None = None) -> int:
     )
     prepare.add_argument("--base-models-dir", help="default: the configured base_models_dir")
     prepare.set_defaults(handler=_prepare_model)
+    serve = commands.add_parser("serve", help="start the caikit runtime (gRPC and HTTP)")
+    serve.add_argument(
+        "--config", default="runtime_config.yaml", help="runtime config (default: %(default)s)"
+    )
+    serve.add_argument(
+        "--host", help="address to listen on (default: runtime.bind_host, 127.0.0.1)"
+    )
+    serve.set_defaults(handler=_serve)
     args = parser.parse_args(argv)
     return args.handler(args)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
 
-import numpy as np
 from caikit.core.data_model import ProducerId
 from caikit.interfaces.nlp.data_model import (
     FinishReason,
@@ -36,8 +35,8 @@ def stream_results(
     for event in events:
         details = TokenStreamDetails(
             finish_reason=event.finish_reason or FinishReason.NOT_FINISHED,
-            generated_tokens=np.uint32(event.generated_tokens),
-            seed=None if seed is None else np.uint64(seed),
+            generated_tokens=event.generated_tokens,
+            seed=seed,
             input_token_count=input_token_count,
         )
         yield GeneratedTextStreamResult(
@@ -71,7 +70,7 @@ def unary_result(
         finish_reason=last.finish_reason if last else FinishReason.NOT_FINISHED,
         producer_id=producer,
         input_token_count=input_token_count,
-        seed=None if seed is None else np.uint64(seed),
+        seed=seed,
         tokens=tokens if with_tokens else None,
         input_tokens=input_tokens,
     )

@@ -14,6 +14,7 @@ from tqdm.auto import tqdm
 
 from ..data.batching import Batch, length_grouped_batches
 from ..data.tokenize import Example
+from .progress import report
 from .settings import TrainingSettings
 
 log = alog.use_channel("TRAIN")
@@ -121,6 +122,7 @@ def train(
             )
             if len(pending) >= settings.logging_steps or result.steps == total_steps:
                 _flush(pending, result, progress)
+                _report_progress(result, total_steps, started)
         if val_examples:
             _flush(pending, result, progress)
             val_loss = evaluate_loss(
@@ -135,6 +137,20 @@ def train(
     model.eval()
     result.seconds = time.perf_counter() - started
     return result
+
+
+def _report_progress(result: TrainingResult, total_steps: int, started: float) -> None:
+    elapsed = time.perf_counter() - started
+    remaining = elapsed / result.steps * (total_steps - result.steps)
+    report(
+        {
+            "step": result.steps,
+            "total_steps": total_steps,
+            "loss": result.final_loss,
+            "elapsed_seconds": round(elapsed, 1),
+            "eta_seconds": round(remaining, 1),
+        }
+    )
 
 
 @torch.no_grad()

@@ -1,5 +1,7 @@
 """PeftPromptTuning: learn a soft prompt for a frozen causal-LM or seq2seq base model."""
 
+import dataclasses
+import inspect
 from pathlib import Path
 from typing import Iterable, List, Optional
 
@@ -15,6 +17,7 @@ from caikit.interfaces.nlp.tasks import TextGenerationTask
 from ...base_models import (
     BaseModel,
     BaseModelSource,
+    LocatedModel,
     atomic_folder,
     is_encoder_decoder,
     load_base,
@@ -132,45 +135,45 @@ class PeftPromptTuning(ModuleBase):
         Returns:
             the tuned PeftPromptTuning model.
         """
-        training = TrainingSettings.from_request(
-            num_epochs=num_epochs,
-            learning_rate=learning_rate,
-            batch_size=batch_size,
-            accumulate_steps=accumulate_steps,
-            max_source_length=max_source_length,
-            max_target_length=max_target_length,
-            seed=seed,
-            silence_progress_bars=silence_progress_bars,
-            gradient_checkpointing=gradient_checkpointing,
+        plan = _plan(
+            base_model=base_model,
+            tuning_config=tuning_config,
+            device=device,
+            tuning_type=tuning_type,
+            verbalizer=verbalizer,
+            torch_dtype=torch_dtype,
+            training=TrainingSettings.from_request(
+                num_epochs=num_epochs,
+                learning_rate=learning_rate,
+                batch_size=batch_size,
+                accumulate_steps=accumulate_steps,
+                max_source_length=max_source_length,
+                max_target_length=max_target_length,
+                seed=seed,
+                silence_progress_bars=silence_progress_bars,
+                gradient_checkpointing=gradient_checkpointing,
+            ),
         )
-        template = Verbalizer.parse(verbalizer if verbalizer is not None else "{{input}}")
-        located = locate_base_model(base_model)
-        encoder_decoder = is_encoder_decoder(load_model_config(located))
-        settings = PromptTuningSettings.from_request(tuning_type, tuning_config, encoder_decoder)
-        device_ = resolve_device(device)
-        dtype = resolve_dtype(torch_dtype or caikit.get_config().get("torch_dtype"), device_)
-        cap = int(caikit.get_config().get("max_training_records") or 0)
-        records = collect_records(train_stream, "train_stream", cap)
+        records = collect_records(train_stream, "train_stream", _record_cap())
         val_records = collect_records(val_stream, "val_stream", required=False)
-
+        training = plan.training
         seed_everything(training.seed)
-        base = load_base(located, dtype, device_)
+        base = load_base(plan.located, plan.dtype, plan.device)
         examples, val_examples = (
             build_examples(
                 base.tokenizer,
                 rows,
-                template.render,
+                plan.verbalizer.render,
                 training.max_source_length,
                 training.max_target_length,
             )
             for rows in (records, val_records)
         )
+        generator = torch.Generator().manual_seed(training.seed)
         prompt = SoftPrompt(
-            initial_weight(
-                base.model, base.tokenizer, settings, torch.Generator().manual_seed(training.seed)
-            ),
-            settings.placements,
-        ).to(device_)
+            initial_weight(base.model, base.tokenizer, plan.settings, generator),
+            plan.settings.placements,
+        ).to(plan.device)
         base.model.requires_grad_(False)
         if training.gradient_checkpointing:
             base.model.gradient_checkpointing_enable({"use_reentrant": False})
@@ -180,13 +183,13 @@ class PeftPromptTuning(ModuleBase):
             loss_fn=lambda batch: summed_token_loss(base.model, batch, prompt.prefix()),
             examples=examples,
             collate=collator_for(
-                encoder_decoder,
+                base.is_encoder_decoder,
                 base.tokenizer.pad_token_id,
                 getattr(base.model.config, "decoder_start_token_id", None),
             ),
             settings=training,
-            device=device_,
-            amp_dtype=autocast_dtype(device_, dtype),
+            device=plan.device,
+            amp_dtype=autocast_dtype(plan.device, plan.dtype),
             val_examples=val_examples,
         )
         if training.gradient_checkpointing:
@@ -199,7 +202,7 @@ class PeftPromptTuning(ModuleBase):
         )
         training_config = {
             **training.to_config(),
-            "torch_dtype": str(dtype).removeprefix("torch."),
+            "torch_dtype": str(plan.dtype).removeprefix("torch."),
             "num_records": len(records),
             "steps": result.steps,
             "seconds": round(result.seconds, 3),
@@ -207,7 +210,34 @@ class PeftPromptTuning(ModuleBase):
             "real_tokens": result.real_tokens,
             "padded_tokens": result.padded_tokens,
         }
-        return cls(base, prompt, template, settings, training_config, result.logs)
+        return cls(base, prompt, plan.verbalizer, plan.settings, training_config, result.logs)
+
+    @classmethod
+    def validate_training(cls, arguments: dict) -> None:
+        """Check a train() call's arguments without training: the runtime calls this
+        at submission so a bad request fails at once, before a job starts."""
+        signature = inspect.signature(cls.train)
+        unknown = sorted(set(arguments) - set(signature.parameters))
+        if unknown:
+            raise ValueError(f"unknown train parameter(s) {unknown}.")
+        # Missing required arguments get None, so the checks below name them.
+        bound = signature.bind_partial(**arguments)
+        bound.apply_defaults()
+        values = {name: bound.arguments.get(name) for name in signature.parameters}
+        training_names = {f.name for f in dataclasses.fields(TrainingSettings)}
+        _plan(
+            base_model=values["base_model"],
+            tuning_config=values["tuning_config"],
+            device=values["device"],
+            tuning_type=values["tuning_type"],
+            verbalizer=values["verbalizer"],
+            torch_dtype=values["torch_dtype"],
+            training=TrainingSettings.from_request(
+                **{k: v for k, v in values.items() if k in training_names}
+            ),
+        )
+        collect_records(values["train_stream"], "train_stream", _record_cap())
+        collect_records(values["val_stream"], "val_stream", required=False)
 
     # --------------------------------------------------------------- inference
 
@@ -352,6 +382,39 @@ class PeftPromptTuning(ModuleBase):
             dict(config.get("training") or {}),
             read_jsonl(folder / TRAINING_LOGS),
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class _TrainingPlan:
+    """Everything train() decides before touching weights or data."""
+
+    training: TrainingSettings
+    verbalizer: Verbalizer
+    located: LocatedModel
+    settings: PromptTuningSettings
+    device: torch.device
+    dtype: torch.dtype
+
+
+def _plan(
+    base_model, tuning_config, device, tuning_type, verbalizer, torch_dtype, training
+) -> _TrainingPlan:
+    template = Verbalizer.parse(verbalizer if verbalizer is not None else "{{input}}")
+    located = locate_base_model(base_model)
+    encoder_decoder = is_encoder_decoder(load_model_config(located))
+    device_ = resolve_device(device)
+    return _TrainingPlan(
+        training=training,
+        verbalizer=template,
+        located=located,
+        settings=PromptTuningSettings.from_request(tuning_type, tuning_config, encoder_decoder),
+        device=device_,
+        dtype=resolve_dtype(torch_dtype or caikit.get_config().get("torch_dtype"), device_),
+    )
+
+
+def _record_cap() -> int:
+    return int(caikit.get_config().get("max_training_records") or 0)
 
 
 def _generation_args(call_locals: dict) -> dict:

@@ -1,0 +1,79 @@
+"""Checks the caikit runtime lacks: model ids and data file paths stay in their folders.
+
+caikit 0.29 lazily loads whatever path a model id spells ("/abs/path", "../x") and
+reads training files from anywhere. These guards wrap the runtime's own entry points,
+so every transport (gRPC, HTTP) gets the same check and an INVALID_ARGUMENT error.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import caikit
+from caikit.runtime.model_management.model_manager import ModelManager
+from caikit.runtime.service_generation.data_stream_source import FilePluginBase
+from caikit.runtime.types.caikit_runtime_exception import CaikitRuntimeException
+from grpc import StatusCode
+
+from ..base_models.paths import resolve_under
+
+_INSTALLED = False
+
+
+def check_model_id(model_id: str) -> None:
+    """A model id is a plain name (or sub-path) inside local_models_dir."""
+    root = caikit.get_config().runtime.local_models_dir
+    try:
+        resolve_under(root, model_id, "model_id")
+    except ValueError as err:
+        raise CaikitRuntimeException(StatusCode.INVALID_ARGUMENT, str(err)) from err
+    if model_id.startswith(".") or "/." in model_id:
+        raise CaikitRuntimeException(
+            StatusCode.INVALID_ARGUMENT,
+            f"`model_id` must not name a hidden entry, got {model_id!r}.",
+        )
+
+
+def resolve_data_file(path: str) -> str:
+    """A training file is a name inside data_streams.file_source_base."""
+    root = caikit.get_config().data_streams.get("file_source_base")
+    if not root:
+        raise CaikitRuntimeException(
+            StatusCode.INVALID_ARGUMENT,
+            "training data files are disabled: set data_streams.file_source_base to the "
+            "folder they may be read from, or send the records inline.",
+        )
+    try:
+        return str(resolve_under(root, path, "train_stream.file.filename"))
+    except ValueError as err:
+        raise CaikitRuntimeException(StatusCode.INVALID_ARGUMENT, str(err)) from err
+
+
+def install() -> None:
+    """Wrap the runtime's model lookup, local model loading and file reading (once)."""
+    global _INSTALLED
+    if _INSTALLED:
+        return
+    _INSTALLED = True
+
+    retrieve = ModelManager.retrieve_model
+
+    @functools.wraps(retrieve)
+    def guarded_retrieve(self, model_id: str):
+        if isinstance(model_id, str) and model_id:
+            check_model_id(model_id)
+        return retrieve(self, model_id)
+
+    load = ModelManager.load_model
+
+    @functools.wraps(load)
+    def skip_hidden(self, model_id: str, *args, **kwargs):
+        # Staging folders of saves in progress and job folders are not models.
+        if Path(str(model_id)).name.startswith("."):
+            return None
+        return load(self, model_id, *args, **kwargs)
+
+    ModelManager.retrieve_model = guarded_retrieve
+    ModelManager.load_model = skip_hidden
+    FilePluginBase._get_resolved_source_path = staticmethod(resolve_data_file)

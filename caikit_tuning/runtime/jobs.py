@@ -1,0 +1,264 @@
+"""One training job: its validated request on disk, its worker process and its status."""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pickle
+import signal
+import subprocess
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import alog
+import caikit
+from caikit.core.data_model import DataStream, TrainingStatus
+from caikit.core.model_management.job_base import JobInfo
+from caikit.core.model_management.model_trainer_base import ModelTrainerFutureBase
+
+from ..base_models.paths import resolve_under
+
+log = alog.use_channel("JOBS")
+
+REQUEST_FILE = "request.pkl"
+LOG_FILE = "worker.log"
+JOBS_FOLDER = ".jobs"
+
+
+class TrainingFailed(RuntimeError):
+    """Why a job ended in ERRORED (shown as the status reason)."""
+
+
+class TrainingProgress(str):
+    """A running job's latest progress line (shown as the status reason)."""
+
+
+def _materialize(name: str, value: Any) -> Any:
+    """Read a DataStream argument into a list of plain records, so it can be
+    validated now and handed to the worker process."""
+    if not isinstance(value, DataStream):
+        return value
+    try:
+        return [item.to_dict() if hasattr(item, "to_dict") else item for item in value]
+    except Exception as err:  # noqa: BLE001  (any reader error is a bad input)
+        raise ValueError(f"`{name}` could not be read: {err}") from err
+
+
+@dataclass(frozen=True)
+class JobRequest:
+    """A validated training request, ready for a worker."""
+
+    module_class: type
+    kwargs: dict[str, Any]
+    output_root: Path
+    model_name: str
+    save_with_id: bool
+
+    @classmethod
+    def build(
+        cls,
+        module_class: type,
+        kwargs: dict[str, Any],
+        save_path: str | None,
+        save_with_id: bool,
+        model_name: str | None,
+    ) -> JobRequest:
+        if not save_path:
+            raise ValueError("the runtime has no training output directory configured.")
+        if not model_name:
+            raise ValueError("`model_name` is required: it names the trained model.")
+        # The model must land inside the output directory, under a plain name.
+        resolve_under(save_path, model_name, "model_name")
+        if model_name.startswith("."):
+            raise ValueError(f"`model_name` must not start with '.', got {model_name!r}.")
+        kwargs = {name: _materialize(name, value) for name, value in kwargs.items()}
+        validate = getattr(module_class, "validate_training", None)
+        if validate is not None:
+            validate(kwargs)
+        return cls(module_class, kwargs, Path(save_path).resolve(), model_name, save_with_id)
+
+    def save_path(self, training_id: str) -> Path:
+        parts = [training_id] if self.save_with_id else []
+        return self.output_root.joinpath(*parts, self.model_name)
+
+
+class Job(ModelTrainerFutureBase):
+    """A queued or running training job, watched from the server."""
+
+    def __init__(
+        self,
+        trainer_name: str,
+        training_id: str,
+        request: JobRequest,
+        on_finish,
+        cancel_grace: float,
+        python: str,
+    ):
+        super().__init__(future_name=trainer_name, future_id=training_id)
+        self.request = request
+        self._save_path = str(request.save_path(training_id))
+        self._folder = request.output_root / JOBS_FOLDER / training_id
+        self._on_finish = on_finish
+        self._cancel_grace = cancel_grace
+        self._python = python
+        self._status = TrainingStatus.QUEUED
+        self._reason: str | None = None
+        self._progress: str | None = None
+        self._submitted = datetime.datetime.now()
+        self._completed: datetime.datetime | None = None
+        self._process: subprocess.Popen | None = None
+        self._slot = None
+        self._done = threading.Event()
+        self._lock = threading.Lock()
+
+    @property
+    def save_path(self) -> str:
+        return self._save_path
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self, slot) -> None:
+        """Write the request next to the job and start its worker process on `slot`."""
+        self._folder.mkdir(parents=True, exist_ok=True)
+        with open(self._folder / REQUEST_FILE, "wb") as handle:
+            # The server writes this file for its own worker; nothing else reads it.
+            pickle.dump(
+                {
+                    "module": f"{self.request.module_class.__module__}:{self.request.module_class.__qualname__}",
+                    "kwargs": self.request.kwargs,
+                    "save_path": self._save_path,
+                },
+                handle,
+            )
+        read_end, write_end = os.pipe()
+        env = {**os.environ, **slot.environment(), "CAIKIT_TUNING_PROGRESS_FD": str(write_end)}
+        config_files = caikit.get_config().get("config_files")
+        if config_files:
+            env["CONFIG_FILES"] = str(config_files)
+        with self._lock:
+            if self._status != TrainingStatus.QUEUED:  # cancelled meanwhile
+                os.close(read_end)
+                os.close(write_end)
+                self._finish_locked(self._status, self._reason)
+                self._on_finish(slot)
+                return
+            with open(self._folder / LOG_FILE, "ab") as worker_log:
+                self._process = subprocess.Popen(
+                    [self._python, "-m", "caikit_tuning.runtime.worker", str(self._folder)],
+                    env=env,
+                    stdout=worker_log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(write_end,),
+                    start_new_session=True,
+                )
+            self._slot = slot
+            self._status = TrainingStatus.RUNNING
+        os.close(write_end)
+        log.info("training %s running as pid %d on %s", self.id, self._process.pid, slot)
+        threading.Thread(target=self._watch, args=(read_end,), daemon=True).start()
+
+    def _watch(self, read_end: int) -> None:
+        """Follow the worker's messages until it exits, then settle the status."""
+        result: dict | None = None
+        with os.fdopen(read_end, "r", encoding="utf-8") as messages:
+            for line in messages:
+                try:
+                    message = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if message.get("event") == "progress":
+                    self._progress = _describe_progress(message)
+                elif message.get("event") in ("done", "error"):
+                    result = message
+        code = self._process.wait()
+        with self._lock:
+            if self._status == TrainingStatus.CANCELED:
+                self._finish_locked(TrainingStatus.CANCELED, self._reason)
+            elif result and result["event"] == "done" and code == 0:
+                self._finish_locked(TrainingStatus.COMPLETED, None)
+            elif result and result["event"] == "error":
+                self._finish_locked(TrainingStatus.ERRORED, result["message"])
+            else:
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                self._finish_locked(
+                    TrainingStatus.ERRORED,
+                    f"the worker process died ({how}) before finishing; see {self._folder / LOG_FILE}",
+                )
+        self._on_finish(self._slot)
+
+    def fail(self, reason: str) -> None:
+        with self._lock:
+            self._finish_locked(TrainingStatus.ERRORED, reason)
+
+    def _finish_locked(self, status: TrainingStatus, reason: str | None) -> None:
+        self._status = status
+        self._reason = reason
+        self._completed = self._completed or datetime.datetime.now()
+        self._done.set()
+
+    # ------------------------------------------------------------- interface
+
+    def get_info(self) -> JobInfo:
+        errors = None
+        if self._status == TrainingStatus.ERRORED:
+            errors = [TrainingFailed(self._reason)]
+        elif self._status == TrainingStatus.RUNNING and self._progress:
+            errors = [TrainingProgress(self._progress)]
+        elif self._status == TrainingStatus.CANCELED and self._reason:
+            errors = [TrainingFailed(self._reason)]
+        return JobInfo(
+            status=self._status,
+            errors=errors,
+            submission_time=self._submitted,
+            completion_time=self._completed,
+        )
+
+    def cancel(self) -> None:
+        with self._lock:
+            if self._status.is_terminal:
+                return
+            queued = self._status == TrainingStatus.QUEUED
+            self._status = TrainingStatus.CANCELED
+            self._reason = "cancelled by request"
+            if queued:
+                self._finish_locked(TrainingStatus.CANCELED, self._reason)
+                return
+            process = self._process
+        _terminate(process, self._cancel_grace)
+        self._done.wait(self._cancel_grace + 5)
+
+    def wait(self) -> None:
+        self._done.wait()
+
+    def load(self):
+        self.wait()
+        if self._status != TrainingStatus.COMPLETED:
+            raise TrainingFailed(self._reason or f"training {self.id} ended {self._status.name}")
+        return caikit.load(self._save_path)
+
+
+def _terminate(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the worker's process group, then SIGKILL it after `grace` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def _describe_progress(message: dict) -> str:
+    loss = message.get("loss")
+    loss_text = f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
+    return (
+        f"step {message.get('step')}/{message.get('total_steps')}{loss_text}, "
+        f"elapsed {message.get('elapsed_seconds')}s, eta {message.get('eta_seconds')}s"
+    )

@@ -1,0 +1,53 @@
+"""The worker process of one training job: `python -m caikit_tuning.runtime.worker FOLDER`.
+
+It trains the module named in FOLDER/request.pkl, saves the model (atomically) where
+the request says, and reports progress, then "done" or "error", as JSON lines on the
+file descriptor the server passed in CAIKIT_TUNING_PROGRESS_FD.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import pickle
+import sys
+import traceback
+from pathlib import Path
+
+
+def _load_class(path: str):
+    module_name, _, qualname = path.partition(":")
+    target = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        target = getattr(target, part)
+    return target
+
+
+def main(folder: Path) -> int:
+    channel = os.fdopen(int(os.environ.pop("CAIKIT_TUNING_PROGRESS_FD")), "w", buffering=1)
+
+    def send(message: dict) -> None:
+        channel.write(json.dumps(message, default=str) + "\n")
+
+    try:
+        import caikit_tuning  # noqa: F401  (configures caikit, registers modules)
+        from caikit_tuning.runtime.jobs import REQUEST_FILE
+        from caikit_tuning.training.progress import progress_sink
+
+        with open(folder / REQUEST_FILE, "rb") as handle:
+            request = pickle.load(handle)  # written by this job's own server
+        module_class = _load_class(request["module"])
+        with progress_sink(lambda entry: send({"event": "progress", **entry})):
+            model = module_class.train(**request["kwargs"])
+        model.save(request["save_path"])
+    except BaseException as err:  # noqa: BLE001  (report every failure to the server)
+        traceback.print_exc()
+        send({"event": "error", "message": f"{type(err).__name__}: {err}"})
+        return 1
+    send({"event": "done"})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
