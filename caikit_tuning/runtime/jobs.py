@@ -182,6 +182,7 @@ class Job(ModelTrainerFutureBase):
             if self._status == TrainingStatus.CANCELED:
                 self._finish_locked(TrainingStatus.CANCELED, self._reason)
             elif result and result["event"] == "done" and code == 0:
+                _forget_served_model(self.request.model_name)
                 self._finish_locked(TrainingStatus.COMPLETED, None)
             elif result and result["event"] == "error":
                 self._finish_locked(TrainingStatus.ERRORED, result["message"])
@@ -242,6 +243,16 @@ class Job(ModelTrainerFutureBase):
         if self._status != TrainingStatus.COMPLETED:
             raise TrainingFailed(self._reason or f"training {self.id} ended {self._status.name}")
         return caikit.load(self._save_path)
+
+
+def _forget_served_model(model_id: str) -> None:
+    """A retrained model replaces its folder; drop the old copy from memory so the next
+    request loads the new one."""
+    from caikit.runtime.model_management.model_manager import ModelManager
+
+    manager = ModelManager.get_instance()
+    if model_id in manager.loaded_models:
+        manager.unload_model(model_id)
 
 
 def _terminate(process: subprocess.Popen, grace: float) -> None:

@@ -121,7 +121,11 @@ class WorkerPoolTrainer(ModelTrainerBase):
     ) -> Job:
         if args:
             raise ValueError("training arguments must be passed by name.")
-        request = JobRequest.build(module_class, kwargs, save_path, save_with_id, model_name)
+        try:
+            request = JobRequest.build(module_class, kwargs, save_path, save_with_id, model_name)
+        except (ValueError, TypeError) as err:
+            # Both transports map this to INVALID_ARGUMENT / HTTP 400, with our message.
+            raise CaikitCoreException(CaikitCoreStatusCode.INVALID_ARGUMENT, str(err)) from err
         job = Job(
             trainer_name=self._instance_name,
             training_id=external_training_id or str(uuid.uuid4()),

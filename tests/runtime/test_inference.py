@@ -14,12 +14,16 @@ from .test_training_jobs import RECORDS, assert_serving, tuning
 
 @pytest.fixture(scope="module")
 def served_model(runtime, client):
-    job = client.train_prompt_tuning("inference-model", "tiny-llama", records=RECORDS, **tuning(num_epochs=2))
+    job = client.train_prompt_tuning(
+        "inference-model", "tiny-llama", records=RECORDS, **tuning(num_epochs=2)
+    )
     assert client.wait(job, poll_seconds=0.3, timeout=120)["state"] == "COMPLETED"
     return "inference-model"
 
 
-@pytest.mark.parametrize("model_id", ["../served/inference-model", "/etc", "a/../../b", ".jobs", "~root"])
+@pytest.mark.parametrize(
+    "model_id", ["../served/inference-model", "/etc", "a/../../b", ".jobs", "~root"]
+)
 def test_model_ids_outside_the_models_dir_are_refused(runtime, client, served_model, model_id):
     with pytest.raises(RuntimeCallError) as over_http:
         client.generate(model_id, "hello")
@@ -47,7 +51,9 @@ def test_unknown_model_is_not_found(runtime, client):
         ({"stop_sequences": [""]}, "non-empty strings"),
     ],
 )
-def test_bad_generation_parameters_are_400_naming_the_field(runtime, client, served_model, parameters, message):
+def test_bad_generation_parameters_are_400_naming_the_field(
+    runtime, client, served_model, parameters, message
+):
     with pytest.raises(RuntimeCallError) as caught:
         client.generate(served_model, "hello", **parameters)
     assert caught.value.code == 400 and message in caught.value.message

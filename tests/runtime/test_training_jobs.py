@@ -194,3 +194,61 @@ def assert_serving(runtime, client):
     with pytest.raises(RuntimeCallError) as caught:
         client.training_status("no-such-training")
     assert caught.value.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_retraining_a_model_name_serves_the_new_model(runtime, client):
+    first = client.train_prompt_tuning(
+        "retrained", "tiny-llama", records=RECORDS, **tuning(num_epochs=1, seed=1)
+    )
+    assert client.wait(first, poll_seconds=0.3, timeout=120)["state"] == "COMPLETED"
+    before = client.generate("retrained", "a fine film", max_new_tokens=8, min_new_tokens=8)
+    second = client.train_prompt_tuning(
+        "retrained",
+        "tiny-llama",
+        records=RECORDS,
+        **tuning(num_epochs=20, seed=2, learning_rate=1.0),
+    )
+    assert client.wait(second, poll_seconds=0.3, timeout=120)["state"] == "COMPLETED"
+    after = client.generate("retrained", "a fine film", max_new_tokens=8, min_new_tokens=8)
+    assert after["generated_text"] != before["generated_text"]
+
+
+def _post(runtime, path, body):
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"http://127.0.0.1:{runtime.http_port}{path}",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_training_over_http(runtime, client):
+    (runtime.data / "http.jsonl").write_text("\n".join(json.dumps(r) for r in RECORDS))
+    parameters = {
+        "base_model": "tiny-llama",
+        "tuning_config": {"num_virtual_tokens": 2},
+        "num_epochs": 1,
+        "train_stream": {"data_stream": {"filename": "http.jsonl"}},
+    }
+    status, body = _post(
+        runtime,
+        "/api/v1/TextGenerationTaskPeftPromptTuningTrain",
+        {"model_name": "via-http", "parameters": parameters},
+    )
+    assert status == 200, body
+    assert client.wait(body["training_id"], poll_seconds=0.3, timeout=120)["state"] == "COMPLETED"
+    del parameters["train_stream"]
+    status, body = _post(
+        runtime,
+        "/api/v1/TextGenerationTaskPeftPromptTuningTrain",
+        {"model_name": "no-data", "parameters": parameters},
+    )
+    assert status == 400 and "`train_stream` is required" in body["details"]
