@@ -209,6 +209,7 @@ class PeftPromptTuning(ModuleBase):
             "final_loss": result.final_loss,
             "real_tokens": result.real_tokens,
             "padded_tokens": result.padded_tokens,
+            "seconds_to_first_step": result.seconds_to_first_step,
         }
         return cls(base, prompt, plan.verbalizer, plan.settings, training_config, result.logs)
 
