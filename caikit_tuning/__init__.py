@@ -13,11 +13,12 @@ from .data_model import (  # noqa: E402
     TrainGenerationRecord,
     TuningConfig,
 )
-from .modules import PeftPromptTuning  # noqa: E402
+from .modules import PeftPromptTuning, TextGeneration  # noqa: E402
 
 __all__ = [
     "GenerationTrainRecord",
     "PeftPromptTuning",
+    "TextGeneration",
     "TrainGenerationRecord",
     "TuningConfig",
     "data_model",

@@ -17,6 +17,16 @@ def _prepare_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def _bootstrap(args: argparse.Namespace) -> int:
+    import caikit_tuning
+    from caikit_tuning.base_models import locate_base_model
+
+    locate_base_model(args.base_model)  # fail early, with the reason, if it is missing
+    caikit_tuning.TextGeneration.bootstrap(args.base_model, device="cpu").save(args.output)
+    print(args.output)
+    return 0
+
+
 def _serve(args: argparse.Namespace) -> int:
     from caikit_tuning.runtime.server import serve
 
@@ -32,6 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     prepare.add_argument("--base-models-dir", help="default: the configured base_models_dir")
     prepare.set_defaults(handler=_prepare_model)
+    bootstrap = commands.add_parser(
+        "bootstrap", help="make a served TextGeneration model that refers to a base model"
+    )
+    bootstrap.add_argument("base_model", help="a name under base_models_dir, or a model folder")
+    bootstrap.add_argument("output", help="the model folder to write, e.g. models/served/NAME")
+    bootstrap.set_defaults(handler=_bootstrap)
     serve = commands.add_parser("serve", help="start the caikit runtime (gRPC and HTTP)")
     serve.add_argument(
         "--config", default="runtime_config.yaml", help="runtime config (default: %(default)s)"

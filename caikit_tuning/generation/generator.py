@@ -13,9 +13,10 @@ from caikit.interfaces.nlp.data_model import (
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..base_models.prefix import NO_PREFIX, PromptPrefix
+from .beams import beam_search
 from .results import stream_results, unary_result
 from .settings import GenerationSettings
-from .stream import PreparedPrompt, prepare_prompt, stream_generation
+from .stream import PreparedPrompt, chat_prompt, prepare_prompt, stream_generation
 
 
 class TextGenerator:
@@ -34,8 +35,11 @@ class TextGenerator:
         self.prefix = prefix
 
     def _start(self, text: str, settings: GenerationSettings):
+        if settings.apply_chat_template:
+            text = chat_prompt(self.tokenizer, text)
         prompt = prepare_prompt(self.model, self.tokenizer, text, self.prefix, settings)
-        events = stream_generation(self.model, self.tokenizer, prompt, self.prefix, settings)
+        decode = beam_search if settings.num_beams > 1 else stream_generation
+        events = decode(self.model, self.tokenizer, prompt, self.prefix, settings)
         return prompt, events, self._common(text, prompt, settings)
 
     def _common(self, text: str, prompt: PreparedPrompt, settings: GenerationSettings) -> dict:

@@ -39,6 +39,7 @@ class GenerationSettings:
     include_logprobs: bool = False
     include_ranks: bool = False
     include_input_tokens: bool = False
+    apply_chat_template: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731

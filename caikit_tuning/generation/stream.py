@@ -60,7 +60,8 @@ def prepare_prompt(
 ) -> PreparedPrompt:
     if not isinstance(text, str):
         raise TypeError(f"`text` must be a string, got {type(text).__name__}.")
-    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    # A chat template already spells the special tokens the model expects.
+    ids = tokenizer(text, add_special_tokens=not settings.apply_chat_template)["input_ids"]
     if settings.truncate_input_tokens and len(ids) > settings.truncate_input_tokens:
         # Keep the end of the prompt: it is what the answer continues.
         ids = ids[len(ids) - settings.truncate_input_tokens :]
@@ -73,6 +74,17 @@ def prepare_prompt(
         )
     seed = settings.seed if settings.seed is not None else random.randrange(2**32)
     return PreparedPrompt(ids=ids, seed=seed)
+
+
+def chat_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
+    """`text` as the user turn of the tokenizer's chat template, ready for the answer."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "`apply_chat_template` is set but this model's tokenizer has no chat template."
+        )
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+    )
 
 
 def stream_generation(

@@ -1,5 +1,6 @@
 """The caikit modules of caikit_tuning, one folder each."""
 
 from .prompt_tuning import PeftPromptTuning
+from .text_generation import TextGeneration
 
-__all__ = ["PeftPromptTuning"]
+__all__ = ["PeftPromptTuning", "TextGeneration"]

@@ -55,6 +55,37 @@ class TuningClient:
 
     # ------------------------------------------------------------- training
 
+    def train(
+        self,
+        module: str,
+        model_name: str,
+        base_model: str,
+        records: list[dict] | None = None,
+        file: str | None = None,
+        **parameters: Any,
+    ) -> str:
+        """Submit a training job for `module` (a module class name, e.g. "TextGeneration");
+        returns its training id.
+
+        Give the data inline (`records`: dicts with input/output) or as a `file` name
+        under the server's data_streams.file_source_base. Other keyword arguments are
+        the module's train() parameters (num_epochs, learning_rate, verbalizer, ...).
+        """
+        rpc = f"TextGenerationTask{module}Train"
+        request_type = getattr(self._training.messages, f"{rpc}Request")
+        body = {"base_model": base_model, **parameters}
+        if records is not None:
+            body["train_stream"] = {"jsondata": {"data": records}}
+        if file is not None:
+            body["train_stream"] = {"file": {"filename": file}}
+        request = json_format.ParseDict(
+            {"model_name": model_name, "parameters": body}, request_type()
+        )
+        try:
+            return getattr(self._train_stub, rpc)(request).training_id
+        except grpc.RpcError as err:
+            raise RuntimeCallError(err.code(), err.details()) from err
+
     def train_prompt_tuning(
         self,
         model_name: str,
@@ -64,29 +95,16 @@ class TuningClient:
         tuning_config: dict | None = None,
         **parameters: Any,
     ) -> str:
-        """Submit a PeftPromptTuning job; returns its training id.
-
-        Give the data inline (`records`: dicts with input/output) or as a `file` name
-        under the server's data_streams.file_source_base. Other keyword arguments are
-        train() parameters (num_epochs, learning_rate, verbalizer, ...).
-        """
-        request_type = self._training.messages.TextGenerationTaskPeftPromptTuningTrainRequest
-        body = {
-            "base_model": base_model,
-            "tuning_config": tuning_config or {"num_virtual_tokens": 8},
+        """Submit a PeftPromptTuning job (tuning_config defaults to 8 virtual tokens)."""
+        return self.train(
+            "PeftPromptTuning",
+            model_name,
+            base_model,
+            records=records,
+            file=file,
+            tuning_config=tuning_config or {"num_virtual_tokens": 8},
             **parameters,
-        }
-        if records is not None:
-            body["train_stream"] = {"jsondata": {"data": records}}
-        if file is not None:
-            body["train_stream"] = {"file": {"filename": file}}
-        request = json_format.ParseDict(
-            {"model_name": model_name, "parameters": body}, request_type()
         )
-        try:
-            return self._train_stub.TextGenerationTaskPeftPromptTuningTrain(request).training_id
-        except grpc.RpcError as err:
-            raise RuntimeCallError(err.code(), err.details()) from err
 
     def training_status(self, training_id: str) -> dict:
         request = TrainingInfoRequest(training_id=training_id).to_proto()
@@ -146,6 +164,10 @@ class TuningClient:
                         event = None
         except urllib.error.HTTPError as err:
             raise _http_error(err) from err
+
+    def tokenize(self, model_id: str, text: str) -> dict:
+        """The model's tokens of `text`, with offsets, over REST."""
+        return self._post("/api/v1/task/tokenization", self._body(model_id, text, {}))
 
     def generate_grpc(self, model_id: str, text: str, **parameters: Any) -> dict:
         request = json_format.ParseDict(

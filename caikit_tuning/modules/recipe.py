@@ -1,0 +1,161 @@
+"""The steps every tuning module's train() shares: check the request, load, tokenize, fit.
+
+A module's train() reads as: plan (validate everything cheap) -> records -> load the
+base model -> set up what is trained -> `fit` -> build the module. `validate` runs
+the same checks without training, for the runtime to call at submission.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import Callable
+from typing import Any
+
+import caikit
+import torch
+
+from ..base_models import (
+    BaseModel,
+    LocatedModel,
+    PromptPrefix,
+    is_encoder_decoder,
+    load_model_config,
+    locate_base_model,
+)
+from ..data import Verbalizer, build_examples, collator_for, collect_records
+from ..training import (
+    TrainingResult,
+    TrainingSettings,
+    autocast_dtype,
+    resolve_device,
+    resolve_dtype,
+    summed_token_loss,
+    train,
+)
+
+TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings))
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainingPlan:
+    """Everything a train() call decides before touching weights or data."""
+
+    training: TrainingSettings
+    verbalizer: Verbalizer
+    located: LocatedModel
+    is_encoder_decoder: bool
+    device: torch.device
+    dtype: torch.dtype
+
+
+def placement(device: Any, torch_dtype: Any) -> tuple[torch.device, torch.dtype]:
+    """Device and weight dtype for a request, the dtype defaulting to the config's."""
+    device_ = resolve_device(device)
+    return device_, resolve_dtype(torch_dtype or caikit.get_config().get("torch_dtype"), device_)
+
+
+def plan_training(
+    base_model: Any, device: Any, verbalizer: Any, torch_dtype: Any, **training_values: Any
+) -> TrainingPlan:
+    template = Verbalizer.parse(verbalizer if verbalizer is not None else "{{input}}")
+    training = TrainingSettings.from_request(**training_values)
+    located = locate_base_model(base_model)
+    encoder_decoder = is_encoder_decoder(load_model_config(located))
+    device_, dtype = placement(device, torch_dtype)
+    return TrainingPlan(training, template, located, encoder_decoder, device_, dtype)
+
+
+def bind_arguments(train_method: Callable, arguments: dict[str, Any]) -> dict[str, Any]:
+    """A train() call's arguments with defaults applied; missing ones are None so the
+    checks name them, unknown ones are an error."""
+    signature = inspect.signature(train_method)
+    unknown = sorted(set(arguments) - set(signature.parameters))
+    if unknown:
+        raise ValueError(
+            f"unknown train parameter(s) {unknown}; valid: {list(signature.parameters)}."
+        )
+    bound = signature.bind_partial(**arguments)
+    bound.apply_defaults()
+    return {name: bound.arguments.get(name) for name in signature.parameters}
+
+
+def training_values(arguments: dict[str, Any]) -> dict[str, Any]:
+    """The TrainingSettings fields among a train() call's arguments."""
+    return {k: v for k, v in arguments.items() if k in TRAINING_FIELDS}
+
+
+def read_records(train_stream: Any, val_stream: Any) -> tuple[list[dict], list[dict]]:
+    cap = int(caikit.get_config().get("max_training_records") or 0)
+    return (
+        collect_records(train_stream, "train_stream", cap),
+        collect_records(val_stream, "val_stream", required=False),
+    )
+
+
+def fit(
+    base: BaseModel,
+    plan: TrainingPlan,
+    params: list[torch.nn.Parameter],
+    prefix: Callable[[], PromptPrefix],
+    records: list[dict],
+    val_records: list[dict],
+) -> TrainingResult:
+    """Tokenize the records once and train `params` through the shared loop."""
+    training = plan.training
+    examples, val_examples = (
+        build_examples(
+            base.tokenizer,
+            rows,
+            plan.verbalizer.render,
+            training.max_source_length,
+            training.max_target_length,
+        )
+        for rows in (records, val_records)
+    )
+    model = base.model
+    # transformers 5 renamed gradient checkpointing to activation checkpointing.
+    enable = (
+        getattr(model, "activation_checkpointing_enable", None)
+        or model.gradient_checkpointing_enable
+    )
+    disable = (
+        getattr(model, "activation_checkpointing_disable", None)
+        or model.gradient_checkpointing_disable
+    )
+    if training.gradient_checkpointing:
+        enable({"use_reentrant": False})
+    try:
+        return train(
+            model=base.model,
+            params=params,
+            loss_fn=lambda batch: summed_token_loss(base.model, batch, prefix()),
+            examples=examples,
+            collate=collator_for(
+                base.is_encoder_decoder,
+                base.tokenizer.pad_token_id,
+                getattr(base.model.config, "decoder_start_token_id", None),
+            ),
+            settings=training,
+            device=plan.device,
+            amp_dtype=autocast_dtype(plan.device, plan.dtype),
+            val_examples=val_examples,
+        )
+    finally:
+        if training.gradient_checkpointing:
+            disable()
+
+
+def training_summary(plan: TrainingPlan, result: TrainingResult, num_records: int) -> dict:
+    """What a saved model records about how it was trained."""
+    return {
+        **plan.training.to_config(),
+        "torch_dtype": str(plan.dtype).removeprefix("torch."),
+        "num_records": num_records,
+        "steps": result.steps,
+        "seconds": round(result.seconds, 3),
+        "seconds_to_first_step": result.seconds_to_first_step,
+        "final_loss": result.final_loss,
+        "real_tokens": result.real_tokens,
+        "padded_tokens": result.padded_tokens,
+    }

@@ -1,0 +1,219 @@
+"""TextGeneration: serve a base model as it is, or fine-tune all of its weights."""
+
+from pathlib import Path
+from typing import Optional
+
+import alog
+from caikit.core import ModuleBase, module
+from caikit.core.data_model import DataStream, ProducerId
+from caikit.core.modules import ModuleLoader, ModuleSaver
+from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
+
+from ...base_models import (
+    NO_PREFIX,
+    BaseModel,
+    BaseModelSource,
+    LocatedModel,
+    atomic_folder,
+    load_base,
+    locate_base_model,
+    read_jsonl,
+    write_jsonl,
+)
+from ...data import Verbalizer
+from ...data_model import TrainGenerationRecord
+from ...generation import TextGenerator, generation_api
+from ...training import seed_everything
+from ..recipe import (
+    bind_arguments,
+    fit,
+    placement,
+    plan_training,
+    read_records,
+    training_summary,
+    training_values,
+)
+
+log = alog.use_channel("TEXTGEN")
+
+TRAINING_LOGS = "training_logs.jsonl"
+# Fine-tuned weights live in this sub-folder, as a standard Hugging Face model folder.
+WEIGHTS_FOLDER = "model"
+
+
+@module(
+    id="3f9d2c1e-8b7a-4e55-a0c4-61d2b5e8f901",
+    name="Text generation",
+    version="0.1.0",
+    tasks=[TextGenerationTask, TokenizationTask],
+)
+@generation_api
+class TextGeneration(ModuleBase):
+    """A causal-LM or seq2seq model served as is (bootstrap) or fully fine-tuned (train)."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        verbalizer: Optional[Verbalizer] = None,
+        training_config: Optional[dict] = None,
+        training_logs: Optional[list] = None,
+    ):
+        super().__init__()
+        self.base = base
+        self.verbalizer = verbalizer
+        self.training_config = training_config or {}
+        self.training_logs = training_logs or []
+        self.generator = TextGenerator(
+            base.model, base.tokenizer, ProducerId(self.MODULE_NAME, self.MODULE_VERSION)
+        )
+
+    @property
+    def fine_tuned(self) -> bool:
+        return bool(self.training_config)
+
+    @classmethod
+    def bootstrap(
+        cls,
+        base_model_path: str,
+        torch_dtype: Optional[str] = None,
+        device: Optional[str] = None,
+    ) -> "TextGeneration":
+        """Wrap a saved Hugging Face causal-LM or seq2seq model (a folder, or a name
+        under base_models_dir) for serving. Saving it records where it is; no copy."""
+        located = locate_base_model(base_model_path, field="base_model_path")
+        device_, dtype = placement(device, torch_dtype)
+        return cls(load_base(located, dtype, device_))
+
+    @classmethod
+    def train(
+        cls,
+        base_model: str,
+        train_stream: DataStream[TrainGenerationRecord],
+        val_stream: Optional[DataStream[TrainGenerationRecord]] = None,
+        device: Optional[str] = None,
+        num_epochs: Optional[int] = 5,
+        learning_rate: Optional[float] = 2e-5,
+        verbalizer: Optional[str] = "{{input}}",
+        batch_size: Optional[int] = 8,
+        max_source_length: Optional[int] = 256,
+        max_target_length: Optional[int] = 128,
+        accumulate_steps: Optional[int] = 1,
+        torch_dtype: Optional[str] = None,
+        silence_progress_bars: Optional[bool] = True,
+        seed: Optional[int] = 42,
+        gradient_checkpointing: Optional[bool] = False,
+    ) -> "TextGeneration":
+        """Fine-tune every weight of `base_model` on input/output records.
+
+        Args:
+            base_model: a name under `base_models_dir` or, in-process, a model folder.
+            train_stream: TrainGenerationRecord records (`input`, `output`).
+            val_stream: records whose loss is logged after every epoch.
+            device: "cpu", "cuda", ...; default: a GPU when there is one.
+            num_epochs: passes over the training records. Default 5.
+            learning_rate: AdamW learning rate, decayed linearly to 0. Default 2e-5.
+            verbalizer: template that turns a record into the model's input; applied at
+                inference too. Default "{{input}}".
+            batch_size: records per micro-batch. Default 8.
+            max_source_length: longest input in tokens; longer ones lose their start. Default 256.
+            max_target_length: longest output in tokens, EOS included. Default 128.
+            accumulate_steps: micro-batches per optimizer step. Default 1.
+            torch_dtype: weight dtype (float32, bfloat16, float16); default float32 on CPU,
+                bf16/fp16 on GPUs.
+            silence_progress_bars: hide the progress bar. Default True.
+            seed: seeds the data order. Default 42.
+            gradient_checkpointing: recompute activations to save memory. Default False.
+        Returns:
+            the fine-tuned TextGeneration model.
+        """
+        plan = _plan(locals())
+        records, val_records = read_records(train_stream, val_stream)
+        seed_everything(plan.training.seed)
+        base = load_base(plan.located, plan.dtype, plan.device)
+        base.model.requires_grad_(True)
+        params = [p for p in base.model.parameters() if p.requires_grad]
+        result = fit(base, plan, params, lambda: NO_PREFIX, records, val_records)
+        base.model.requires_grad_(False)
+        return cls(base, plan.verbalizer, training_summary(plan, result, len(records)), result.logs)
+
+    @classmethod
+    def validate_training(cls, arguments: dict) -> None:
+        """Check a train() call's arguments without training (the runtime's submission check)."""
+        values = bind_arguments(cls.train, arguments)
+        _plan(values)
+        read_records(values["train_stream"], values["val_stream"])
+
+    def model_input(self, text: str) -> str:
+        if not isinstance(text, str):
+            raise TypeError(f"`text` must be a string, got {type(text).__name__}.")
+        return self.verbalizer.render({"input": text}) if self.verbalizer else text
+
+    # ------------------------------------------------------------ save / load
+
+    def save(self, model_path: str) -> None:
+        """Write config.yml (and, for a fine-tuned model, its weights as safetensors with
+        the tokenizer in `model/`, and training_logs.jsonl). Atomic."""
+        with atomic_folder(model_path) as staging:
+            config = {"is_encoder_decoder": self.base.is_encoder_decoder}
+            if self.fine_tuned:
+                weights = staging / WEIGHTS_FOLDER
+                self.base.model.save_pretrained(weights, safe_serialization=True)
+                self.base.tokenizer.save_pretrained(weights)
+                write_jsonl(staging / TRAINING_LOGS, self.training_logs)
+                config.update(
+                    weights=WEIGHTS_FOLDER,
+                    trained_from=self.base.source.to_config(),
+                    training=self.training_config,
+                )
+            else:
+                config["base_model"] = self.base.source.to_config()
+            if self.verbalizer is not None:
+                config["verbalizer"] = self.verbalizer.template
+            saver = ModuleSaver(self, model_path=str(staging))
+            with saver:
+                saver.update_config(config)
+
+    @classmethod
+    def load(
+        cls,
+        model_path,
+        device: Optional[str] = None,
+        torch_dtype: Optional[str] = None,
+    ) -> "TextGeneration":
+        loader = ModuleLoader(model_path)
+        config = loader.config
+        folder = Path(loader.model_path)
+        if config.get("weights"):
+            weights = (folder / config.weights).resolve()
+            if not weights.is_relative_to(folder.resolve()):
+                raise ValueError(f"the model at {folder} names weights outside its folder.")
+            located = LocatedModel(BaseModelSource(path=str(weights)), str(weights), local=True)
+        else:
+            try:
+                located = locate_base_model(BaseModelSource.from_config(dict(config.base_model)))
+            except ValueError as err:
+                raise ValueError(
+                    f"cannot load the text generation model at {folder}: {err}"
+                ) from err
+        device_, dtype = placement(device, torch_dtype)
+        base = load_base(located, dtype, device_)
+        if config.get("trained_from"):
+            # Report where the weights came from, not the copy inside this folder.
+            base.source = BaseModelSource.from_config(dict(config.trained_from))
+        verbalizer = Verbalizer.parse(config.verbalizer) if config.get("verbalizer") else None
+        return cls(
+            base,
+            verbalizer,
+            dict(config.get("training") or {}),
+            read_jsonl(folder / TRAINING_LOGS),
+        )
+
+
+def _plan(arguments: dict):
+    return plan_training(
+        arguments["base_model"],
+        arguments["device"],
+        arguments["verbalizer"],
+        arguments["torch_dtype"],
+        **training_values(arguments),
+    )

@@ -1,0 +1,47 @@
+"""TextGeneration through the real runtime: a bootstrapped base model and a fine-tune job."""
+
+import pytest
+
+from caikit_tuning import TextGeneration
+
+from .test_training_jobs import RECORDS
+
+
+@pytest.fixture(scope="module")
+def base_model_id(runtime, tiny_llama):
+    TextGeneration.bootstrap("tiny-llama").save(str(runtime.models / "tiny-base"))
+    return "tiny-base"
+
+
+def test_bootstrapped_base_model_serves_unary_stream_and_tokens(runtime, client, base_model_id):
+    local = TextGeneration.bootstrap("tiny-llama").run(
+        "the film is", max_new_tokens=6, min_new_tokens=6
+    )
+    remote = client.generate(base_model_id, "the film is", max_new_tokens=6, min_new_tokens=6)
+    assert remote["generated_text"] == local.generated_text
+    chunks = list(client.stream(base_model_id, "the film is", max_new_tokens=6, min_new_tokens=6))
+    assert len(chunks) == 6 and "".join(c["generated_text"] for c in chunks) == local.generated_text
+    beams = client.generate(base_model_id, "the film is", max_new_tokens=4, num_beams=2)
+    assert beams["generated_tokens"] >= 1
+    detailed = client.generate(
+        base_model_id, "the film is", max_new_tokens=2, include_logprobs=True, include_ranks=True
+    )
+    assert len(detailed["tokens"]) == 2 and detailed["tokens"][0]["rank"] == 1
+    tokens = client.tokenize(base_model_id, "a fine film")
+    assert tokens["token_count"] == len(tokens["results"]) > 0
+    assert tokens["results"][0]["start"] == 0
+
+
+def test_fine_tuning_job_over_grpc(runtime, client):
+    job = client.train(
+        "TextGeneration",
+        "tiny-finetuned",
+        "tiny-llama",
+        records=RECORDS,
+        num_epochs=2,
+        learning_rate=1e-3,
+    )
+    assert client.wait(job, poll_seconds=0.3, timeout=120)["state"] == "COMPLETED"
+    assert (runtime.models / "tiny-finetuned" / "model" / "model.safetensors").is_file()
+    result = client.generate("tiny-finetuned", "a wonderful, moving film", max_new_tokens=3)
+    assert result["generated_tokens"] >= 1
