@@ -8,20 +8,24 @@ TokenizationResults).
 from .generation import DecodingMethod, ExponentialDecayLengthPenalty
 from .training import (
     GenerationTrainRecord,
+    OptimizationConfig,
     PromptOutputModelType,
     PromptTuningInitMethod,
     TrainGenerationRecord,
     TuningConfig,
     TuningType,
+    ValidationConfig,
 )
 
 __all__ = [
     "DecodingMethod",
     "ExponentialDecayLengthPenalty",
     "GenerationTrainRecord",
+    "OptimizationConfig",
     "PromptOutputModelType",
     "PromptTuningInitMethod",
     "TrainGenerationRecord",
     "TuningConfig",
     "TuningType",
+    "ValidationConfig",
 ]

@@ -58,3 +58,44 @@ class TuningConfig(DataObjectBase):
     prompt_tuning_init_text: Annotated[Optional[str], FieldNumber(3)]
     prompt_tuning_init_source_model: Annotated[Optional[str], FieldNumber(4)]
     output_model_types: Annotated[Optional[List[str]], FieldNumber(5)]
+
+
+@dataobject(package=PACKAGE)
+class ValidationConfig(DataObjectBase):
+    """How a training job is validated and when it stops early.
+
+    split_ratio takes that share of the training records for validation when no
+    val_stream is given (split with split_seed). Validation runs every eval_steps
+    optimizer steps, or after every epoch when unset: loss, perplexity and, on up to
+    accuracy_examples records, greedy exact-match accuracy. With
+    early_stopping_patience, training stops after that many validations without an
+    improvement of at least early_stopping_min_delta, and the best weights are kept.
+    """
+
+    split_ratio: Annotated[Optional[float], FieldNumber(1)]
+    split_seed: Annotated[Optional[int], FieldNumber(2)]
+    eval_steps: Annotated[Optional[int], FieldNumber(3)]
+    accuracy_examples: Annotated[Optional[int], FieldNumber(4)]
+    early_stopping_patience: Annotated[Optional[int], FieldNumber(5)]
+    early_stopping_min_delta: Annotated[Optional[float], FieldNumber(6)]
+
+
+@dataobject(package=PACKAGE)
+class OptimizationConfig(DataObjectBase):
+    """Batch sizing and learning-rate schedule.
+
+    total_train_batch_size with max_per_device_train_batch_size derives the micro-batch
+    and the gradient accumulation (over all processes) instead of batch_size and
+    accumulate_steps. lr_scaling (none, sqrt, linear) multiplies learning_rate by the
+    total batch size (or its square root). lr_scheduler: linear, cosine or constant,
+    after warmup_steps (or warmup_ratio of all steps) of linear warmup.
+    """
+
+    total_train_batch_size: Annotated[Optional[int], FieldNumber(1)]
+    max_per_device_train_batch_size: Annotated[Optional[int], FieldNumber(2)]
+    lr_scaling: Annotated[Optional[str], FieldNumber(3)]
+    lr_scheduler: Annotated[Optional[str], FieldNumber(4)]
+    warmup_steps: Annotated[Optional[int], FieldNumber(5)]
+    warmup_ratio: Annotated[Optional[float], FieldNumber(6)]
+    weight_decay: Annotated[Optional[float], FieldNumber(7)]
+    max_grad_norm: Annotated[Optional[float], FieldNumber(8)]

@@ -14,6 +14,7 @@ from typing import Any
 
 import caikit
 import torch
+from caikit.core.data_model import ProducerId
 
 from ..base_models import (
     BaseModel,
@@ -24,6 +25,7 @@ from ..base_models import (
     locate_base_model,
 )
 from ..data import Verbalizer, build_examples, collator_for, collect_records
+from ..generation import GenerationSettings, TextGenerator
 from ..training import (
     TrainingResult,
     TrainingSettings,
@@ -34,7 +36,10 @@ from ..training import (
     train,
 )
 
-TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings))
+TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings)) + (
+    "validation",
+    "optimization",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,12 +90,29 @@ def training_values(arguments: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in arguments.items() if k in TRAINING_FIELDS}
 
 
-def read_records(train_stream: Any, val_stream: Any) -> tuple[list[dict], list[dict]]:
+def read_records(
+    train_stream: Any, val_stream: Any, training: TrainingSettings
+) -> tuple[list[dict], list[dict]]:
+    """Training and validation records; without a val_stream, validation.split_ratio
+    of the training records (chosen with split_seed) become the validation set."""
     cap = int(caikit.get_config().get("max_training_records") or 0)
-    return (
-        collect_records(train_stream, "train_stream", cap),
-        collect_records(val_stream, "val_stream", required=False),
-    )
+    records = collect_records(train_stream, "train_stream", cap)
+    val_records = collect_records(val_stream, "val_stream", required=False)
+    ratio = training.validation.split_ratio
+    if ratio and not val_records:
+        count = int(len(records) * ratio)
+        if count < 1 or count >= len(records):
+            raise ValueError(
+                f"`validation.split_ratio` {ratio} of {len(records)} records leaves no "
+                "validation or no training records; use more records or another ratio."
+            )
+        order = torch.randperm(
+            len(records), generator=torch.Generator().manual_seed(training.validation.split_seed)
+        )
+        held_out = set(order[:count].tolist())
+        val_records = [r for i, r in enumerate(records) if i in held_out]
+        records = [r for i, r in enumerate(records) if i not in held_out]
+    return records, val_records
 
 
 def fit(
@@ -140,10 +162,36 @@ def fit(
             device=plan.device,
             amp_dtype=autocast_dtype(plan.device, plan.dtype),
             val_examples=val_examples,
+            accuracy_fn=_accuracy(base, plan, prefix, val_records),
         )
     finally:
         if training.gradient_checkpointing:
             disable()
+
+
+def _accuracy(
+    base: BaseModel, plan: TrainingPlan, prefix: Callable[[], PromptPrefix], records: list[dict]
+) -> Callable[[], float] | None:
+    """Greedy exact-match accuracy on up to validation.accuracy_examples records."""
+    count = plan.training.validation.accuracy_examples
+    if not count or not records:
+        return None
+    sample = records[:count]
+    settings = GenerationSettings(max_new_tokens=plan.training.max_target_length)
+
+    def accuracy() -> float:
+        base.model.eval()
+        generator = TextGenerator(
+            base.model, base.tokenizer, ProducerId("validation", "0"), prefix()
+        )
+        hits = sum(
+            generator.generate(plan.verbalizer.render(r), settings).generated_text.strip()
+            == r["output"].strip()
+            for r in sample
+        )
+        return hits / len(sample)
+
+    return accuracy
 
 
 def training_summary(plan: TrainingPlan, result: TrainingResult, num_records: int) -> dict:
@@ -158,4 +206,7 @@ def training_summary(plan: TrainingPlan, result: TrainingResult, num_records: in
         "final_loss": result.final_loss,
         "real_tokens": result.real_tokens,
         "padded_tokens": result.padded_tokens,
+        "stopped_early": result.stopped_early,
+        "best_step": result.best_step,
+        "resumed_from_step": result.resumed_from_step,
     }

@@ -1,14 +1,19 @@
 """The training loop shared by every tuning method, and the choices it rests on."""
 
+from .checkpoints import checkpointing
 from .devices import autocast_dtype, resolve_device, resolve_dtype, seed_everything
-from .loop import TrainingResult, train
+from .loop import TrainingResult, evaluate_loss, train
 from .loss import summed_token_loss
-from .settings import TrainingSettings
+from .settings import OptimizationSettings, TrainingSettings, ValidationSettings
 
 __all__ = [
+    "OptimizationSettings",
     "TrainingResult",
     "TrainingSettings",
+    "ValidationSettings",
     "autocast_dtype",
+    "checkpointing",
+    "evaluate_loss",
     "resolve_device",
     "resolve_dtype",
     "seed_everything",

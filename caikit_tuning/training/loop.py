@@ -1,4 +1,5 @@
-"""The method-agnostic training loop: forward, loss, backward, accumulate, step, log."""
+"""The method-agnostic training loop: forward, loss, backward, accumulate, step, log,
+validate, stop early, checkpoint and resume."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from tqdm.auto import tqdm
 
 from ..data.batching import Batch, length_grouped_batches
 from ..data.tokenize import Example
+from . import checkpoints
 from .progress import report
+from .schedule import build_optimizer, build_schedule
 from .settings import TrainingSettings
 
 log = alog.use_channel("TRAIN")
@@ -31,6 +34,9 @@ class TrainingResult:
     real_tokens: int = 0
     padded_tokens: int = 0
     target_tokens: int = 0
+    stopped_early: bool = False
+    best_step: int | None = None
+    resumed_from_step: int | None = None
 
     @property
     def final_loss(self) -> float | None:
@@ -38,10 +44,14 @@ class TrainingResult:
         return losses[-1] if losses else None
 
 
-def _optimizer(params: list[torch.nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    # The fused kernel updates all parameters at once; it exists for CPU and CUDA floats.
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0, fused=fused)
+@dataclass
+class _Best:
+    """The best validation so far and the weights that reached it."""
+
+    loss: float = math.inf
+    step: int | None = None
+    weights: list[torch.Tensor] | None = None
+    evals_without_improvement: int = 0
 
 
 def train(
@@ -54,103 +64,278 @@ def train(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     val_examples: list[Example] | None = None,
+    accuracy_fn: Callable[[], float] | None = None,
+    on_log: Callable[[dict], None] | None = None,
 ) -> TrainingResult:
     """Optimize `params` to lower `loss_fn` (a summed token loss) over `examples`.
 
-    Each optimizer step averages the loss over every target token of its
-    `accumulate_steps` micro-batches. With `val_examples`, the validation loss is
-    logged after every epoch.
+    Each optimizer step averages the loss over every target token of its micro-batches.
+    With `val_examples`, validation (loss, perplexity and `accuracy_fn()`) runs every
+    `validation.eval_steps` steps or after every epoch, and may stop training early,
+    keeping the best weights. With `checkpoint_steps` and a checkpoint folder (see
+    training.checkpoints), the run saves resumable state and resumes from it.
     """
     params = list(params)
     if not params:
         raise ValueError("nothing to train: no parameter requires a gradient.")
-    generator = torch.Generator().manual_seed(settings.seed)
-    lengths = [len(ex) for ex in examples]
-    batches_per_epoch = math.ceil(len(examples) / settings.batch_size)
-    steps_per_epoch = math.ceil(batches_per_epoch / settings.accumulate_steps)
-    total_steps = steps_per_epoch * settings.num_epochs
-    optimizer = _optimizer(params, settings.learning_rate)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: max(0.0, 1.0 - step / total_steps)
-    )
-    autocast = (
-        torch.autocast(device.type, dtype=amp_dtype)
-        if amp_dtype is not None
-        else contextlib.nullcontext()
-    )
-    result = TrainingResult()
-    pending: list[tuple[dict, torch.Tensor]] = []
-    progress = tqdm(total=total_steps, desc="training", disable=settings.silence_progress_bars)
-    started = time.perf_counter()
-    model.train()
-    for epoch in range(settings.num_epochs):
-        order = length_grouped_batches(
-            lengths, settings.batch_size, generator, settings.group_by_length
+    run = _Run(model, params, loss_fn, examples, collate, settings, device, amp_dtype)
+    run.val_examples = val_examples or []
+    run.accuracy_fn = accuracy_fn
+    run.on_log = on_log
+    return run.execute()
+
+
+class _Run:
+    def __init__(self, model, params, loss_fn, examples, collate, settings, device, amp_dtype):
+        self.model, self.params, self.loss_fn = model, params, loss_fn
+        self.examples, self.collate, self.settings, self.device = (
+            examples,
+            collate,
+            settings,
+            device,
         )
-        for window_start in range(0, len(order), settings.accumulate_steps):
-            window = [
-                collate([examples[i] for i in idx])
-                for idx in order[window_start : window_start + settings.accumulate_steps]
+        self.autocast = (
+            torch.autocast(device.type, dtype=amp_dtype)
+            if amp_dtype is not None
+            else contextlib.nullcontext()
+        )
+        self.lengths = [len(ex) for ex in examples]
+        batches = math.ceil(len(examples) / settings.micro_batch_size)
+        self.steps_per_epoch = math.ceil(batches / settings.accumulation)
+        self.total_steps = self.steps_per_epoch * settings.num_epochs
+        self.optimizer = build_optimizer(params, settings)
+        self.schedule = build_schedule(self.optimizer, settings, self.total_steps)
+        self.generator = torch.Generator().manual_seed(settings.seed)
+        self.result = TrainingResult()
+        self.best = _Best()
+        self.pending: list[tuple[dict, torch.Tensor]] = []
+        self.folder = checkpoints.checkpoint_folder() if settings.checkpoint_steps else None
+        self.fingerprint = checkpoints.fingerprint(settings.to_config(), examples)
+        self.val_examples: list[Example] = []
+        self.accuracy_fn = None
+        self.on_log = None
+
+    # ----------------------------------------------------------------- loop
+
+    def execute(self) -> TrainingResult:
+        settings = self.settings
+        start_epoch, start_window, epoch_rng = self._resume()
+        progress = tqdm(
+            total=self.total_steps,
+            initial=self.result.steps,
+            desc="training",
+            disable=settings.silence_progress_bars,
+        )
+        self.progress = progress
+        self.started = time.perf_counter() - self.result.seconds
+        self.model.train()
+        stop = False
+        for epoch in range(start_epoch, settings.num_epochs):
+            if epoch != start_epoch or epoch_rng is None:
+                epoch_rng = self.generator.get_state()
+            self.generator.set_state(epoch_rng)
+            order = length_grouped_batches(
+                self.lengths, settings.micro_batch_size, self.generator, settings.group_by_length
+            )
+            windows = [
+                order[i : i + settings.accumulation]
+                for i in range(0, len(order), settings.accumulation)
             ]
-            window_tokens = sum(batch.num_target_tokens for batch in window)
-            step_loss = torch.zeros((), device=device)
-            for batch in window:
-                with autocast:
-                    loss = loss_fn(batch.to(device)) / window_tokens
-                loss.backward()
-                step_loss += loss.detach()
-                result.real_tokens += batch.num_real_tokens
-                result.padded_tokens += batch.num_padded_tokens
-                result.target_tokens += batch.num_target_tokens
-            optimizer.step()
-            schedule.step()
-            optimizer.zero_grad(set_to_none=True)
-            result.steps += 1
-            if result.seconds_to_first_step is None:
-                result.seconds_to_first_step = time.perf_counter() - started
-            pending.append(
-                (
-                    {
-                        "step": result.steps,
-                        "epoch": round(epoch + (window_start + len(window)) / len(order), 4),
-                        "learning_rate": schedule.get_last_lr()[0],
-                        "tokens": result.real_tokens,
-                        "elapsed_seconds": round(time.perf_counter() - started, 3),
-                    },
-                    step_loss,
-                )
-            )
-            if len(pending) >= settings.logging_steps or result.steps == total_steps:
-                _flush(pending, result, progress)
-                _report_progress(result, total_steps, started)
-        if val_examples:
-            _flush(pending, result, progress)
-            val_loss = evaluate_loss(
-                model, loss_fn, val_examples, collate, settings.batch_size, device, autocast
-            )
-            result.logs.append(
-                {"step": result.steps, "epoch": epoch + 1, "validation_loss": round(val_loss, 6)}
-            )
-            model.train()
-    _flush(pending, result, progress)
-    progress.close()
-    model.eval()
-    result.seconds = time.perf_counter() - started
-    return result
+            for index in range(start_window if epoch == start_epoch else 0, len(windows)):
+                self._step(windows[index], epoch + (index + 1) / len(windows))
+                position = (epoch, index + 1, epoch_rng)
+                eval_steps = settings.validation.eval_steps
+                if self.val_examples and eval_steps and self.result.steps % eval_steps == 0:
+                    stop = self._validate(epoch + (index + 1) / len(windows))
+                if self.folder and self.result.steps % settings.checkpoint_steps == 0:
+                    self._save(*position)
+                if stop:
+                    break
+            if not stop and self.val_examples and not settings.validation.eval_steps:
+                stop = self._validate(epoch + 1)
+            if stop:
+                self.result.stopped_early = True
+                break
+        self._flush()
+        progress.close()
+        self.model.eval()
+        if settings.validation.early_stopping_patience and self.best.weights is not None:
+            # Early stopping keeps the weights of the best validation, not the last.
+            with torch.no_grad():
+                for param, weight in zip(self.params, self.best.weights, strict=True):
+                    param.copy_(weight)
+            self.result.best_step = self.best.step
+        self.result.seconds = time.perf_counter() - self.started
+        return self.result
 
-
-def _report_progress(result: TrainingResult, total_steps: int, started: float) -> None:
-    elapsed = time.perf_counter() - started
-    remaining = elapsed / result.steps * (total_steps - result.steps)
-    report(
-        {
-            "step": result.steps,
-            "total_steps": total_steps,
-            "loss": result.final_loss,
-            "elapsed_seconds": round(elapsed, 1),
-            "eta_seconds": round(remaining, 1),
+    def _step(self, window: list[list[int]], epoch_position: float) -> None:
+        batches = [self.collate([self.examples[i] for i in idx]) for idx in window]
+        window_tokens = sum(batch.num_target_tokens for batch in batches)
+        step_loss = torch.zeros((), device=self.device)
+        for batch in batches:
+            with self.autocast:
+                loss = self.loss_fn(batch.to(self.device)) / window_tokens
+            loss.backward()
+            step_loss += loss.detach()
+            self.result.real_tokens += batch.num_real_tokens
+            self.result.padded_tokens += batch.num_padded_tokens
+            self.result.target_tokens += batch.num_target_tokens
+        if self.settings.optimization.max_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.params, self.settings.optimization.max_grad_norm)
+        self.optimizer.step()
+        self.schedule.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.result.steps += 1
+        if self.result.seconds_to_first_step is None:
+            self.result.seconds_to_first_step = time.perf_counter() - self.started
+        entry = {
+            "step": self.result.steps,
+            "epoch": round(epoch_position, 4),
+            "learning_rate": self.schedule.get_last_lr()[0],
+            "tokens": self.result.real_tokens,
+            "elapsed_seconds": round(time.perf_counter() - self.started, 3),
         }
-    )
+        self.pending.append((entry, step_loss))
+        if (
+            len(self.pending) >= self.settings.logging_steps
+            or self.result.steps == self.total_steps
+        ):
+            self._flush()
+        self._report_progress()
+
+    def _report_progress(self) -> None:
+        """Every step: where the run is, with the latest loss read back so far."""
+        elapsed = time.perf_counter() - self.started
+        done = self.result.steps
+        report(
+            {
+                "step": done,
+                "total_steps": self.total_steps,
+                "loss": self.result.final_loss,
+                "elapsed_seconds": round(elapsed, 1),
+                "eta_seconds": round(elapsed / max(done, 1) * (self.total_steps - done), 1),
+            }
+        )
+
+    def _flush(self) -> None:
+        """Read the losses of the pending steps back from the device, in one transfer."""
+        if not self.pending:
+            return
+        losses = torch.stack([loss for _, loss in self.pending]).tolist()
+        for (entry, _), loss in zip(self.pending, losses, strict=True):
+            entry["loss"] = round(loss, 6)
+            self._log(entry)
+        self.progress.update(len(self.pending))
+        self.progress.set_postfix(loss=f"{losses[-1]:.4f}")
+        self.pending.clear()
+
+    def _log(self, entry: dict) -> None:
+        self.result.logs.append(entry)
+        if self.on_log is not None:
+            self.on_log(entry)
+
+    # ----------------------------------------------------------- validation
+
+    def _validate(self, epoch_position: float) -> bool:
+        """Log validation metrics; True when early stopping says to stop."""
+        self._flush()
+        loss = evaluate_loss(
+            self.model,
+            self.loss_fn,
+            self.val_examples,
+            self.collate,
+            self.settings.micro_batch_size,
+            self.device,
+            self.autocast,
+        )
+        entry = {
+            "step": self.result.steps,
+            "epoch": round(epoch_position, 4),
+            "validation_loss": round(loss, 6),
+            "validation_perplexity": round(math.exp(min(loss, 50.0)), 4),
+        }
+        if self.accuracy_fn is not None:
+            entry["validation_accuracy"] = round(self.accuracy_fn(), 4)
+        self._log(entry)
+        report(
+            {
+                "step": self.result.steps,
+                "total_steps": self.total_steps,
+                "validation_loss": entry["validation_loss"],
+            }
+        )
+        self.model.train()
+        validation = self.settings.validation
+        if loss < self.best.loss - validation.early_stopping_min_delta:
+            self.best.loss, self.best.step = loss, self.result.steps
+            self.best.evals_without_improvement = 0
+            if validation.early_stopping_patience:
+                self.best.weights = [p.detach().clone() for p in self.params]
+            return False
+        self.best.evals_without_improvement += 1
+        patience = validation.early_stopping_patience
+        return bool(patience) and self.best.evals_without_improvement >= patience
+
+    # --------------------------------------------------------- checkpoints
+
+    def _save(self, epoch: int, window: int, epoch_rng: torch.Tensor) -> None:
+        self._flush()
+        state = {
+            "fingerprint": self.fingerprint,
+            "params": [p.detach().cpu() for p in self.params],
+            "optimizer": self.optimizer.state_dict(),
+            "schedule": self.schedule.state_dict(),
+            "epoch": epoch,
+            "window": window,
+            "epoch_rng": epoch_rng,
+            "torch_rng": torch.get_rng_state(),
+            "result": {
+                "logs": self.result.logs,
+                "steps": self.result.steps,
+                "seconds": time.perf_counter() - self.started,
+                "real_tokens": self.result.real_tokens,
+                "padded_tokens": self.result.padded_tokens,
+                "target_tokens": self.result.target_tokens,
+            },
+            "best": {
+                "loss": self.best.loss,
+                "step": self.best.step,
+                "weights": self.best.weights,
+                "evals_without_improvement": self.best.evals_without_improvement,
+            },
+        }
+        checkpoints.save_checkpoint(self.folder, state)
+        log.debug("checkpoint at step %d", self.result.steps)
+
+    def _resume(self) -> tuple[int, int, torch.Tensor | None]:
+        """Restore the last checkpoint of this very run, if there is one."""
+        state = checkpoints.load_checkpoint(self.folder, self.fingerprint) if self.folder else None
+        if state is None:
+            return 0, 0, None
+        with torch.no_grad():
+            for param, saved in zip(self.params, state["params"], strict=True):
+                param.copy_(saved)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.schedule.load_state_dict(state["schedule"])
+        torch.set_rng_state(state["torch_rng"])
+        saved = state["result"]
+        self.result = TrainingResult(
+            logs=list(saved["logs"]),
+            steps=saved["steps"],
+            seconds=saved["seconds"],
+            real_tokens=saved["real_tokens"],
+            padded_tokens=saved["padded_tokens"],
+            target_tokens=saved["target_tokens"],
+            resumed_from_step=saved["steps"],
+        )
+        best = state["best"]
+        self.best = _Best(
+            best["loss"], best["step"], best["weights"], best["evals_without_improvement"]
+        )
+        log.info("resuming from the checkpoint at step %d", saved["steps"])
+        # The generator's state at the epoch start regenerates that epoch's batch order.
+        self.generator.set_state(state["epoch_rng"])
+        return state["epoch"], state["window"], state["epoch_rng"]
 
 
 @torch.no_grad()
@@ -174,17 +359,3 @@ def evaluate_loss(
             total += loss_fn(batch.to(device)).float()
         tokens += batch.num_target_tokens
     return total.item() / max(tokens, 1)
-
-
-def _flush(pending: list[tuple[dict, torch.Tensor]], result: TrainingResult, progress) -> None:
-    """Read the losses of the pending steps back from the device, in one transfer."""
-    if not pending:
-        return
-    losses = torch.stack([loss for _, loss in pending]).tolist()
-    for (entry, _), loss in zip(pending, losses, strict=True):
-        entry["loss"] = round(loss, 6)
-        result.logs.append(entry)
-    log.debug("step %d loss %.4f", result.logs[-1]["step"], result.logs[-1]["loss"])
-    progress.update(len(pending))
-    progress.set_postfix(loss=f"{result.logs[-1]['loss']:.4f}")
-    pending.clear()

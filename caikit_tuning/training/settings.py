@@ -2,16 +2,115 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import math
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+SCHEDULERS = ("linear", "cosine", "constant")
+LR_SCALINGS = ("none", "sqrt", "linear")
 
-def _int(value: Any, field: str, minimum: int) -> int:
+
+def _int(value: Any, name: str, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{field}` must be an integer, got {type(value).__name__} {value!r}.")
+        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__} {value!r}.")
     if value < minimum:
-        raise ValueError(f"`{field}` must be >= {minimum}, got {value}.")
+        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
     return value
+
+
+def _number(value: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}.")
+    if value < low or value > high or (low_open and value == low):
+        if high == math.inf:
+            raise ValueError(f"`{name}` must be {'>' if low_open else '>='} {low:g}, got {value}.")
+        bracket = "(" if low_open else "["
+        raise ValueError(f"`{name}` must be in {bracket}{low:g}, {high:g}], got {value}.")
+    return float(value)
+
+
+def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
+    if not isinstance(value, str) or value.lower() not in choices:
+        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
+    return value.lower()
+
+
+def _fields_of(config: Any, cls: type, name: str) -> dict[str, Any]:
+    """A request's config object (dataobject or dict) as the non-None fields of `cls`."""
+    if config is None:
+        return {}
+    valid = [f.name for f in fields(cls)]
+    if isinstance(config, dict):
+        unknown = sorted(set(config) - set(valid))
+        if unknown:
+            raise ValueError(f"`{name}` has unknown field(s) {unknown}; valid fields are {valid}.")
+        values = config
+    else:
+        values = {key: getattr(config, key, None) for key in valid}
+    return {key: value for key, value in values.items() if value is not None}
+
+
+@dataclass(frozen=True)
+class ValidationSettings:
+    split_ratio: float = 0.0
+    split_seed: int = 0
+    # None: validate after every epoch.
+    eval_steps: int | None = None
+    accuracy_examples: int = 0
+    early_stopping_patience: int | None = None
+    early_stopping_min_delta: float = 0.0
+
+    def __post_init__(self):
+        _number(self.split_ratio, "validation.split_ratio", 0.0, 0.9)
+        _int(self.split_seed, "validation.split_seed", 0)
+        if self.eval_steps is not None:
+            _int(self.eval_steps, "validation.eval_steps", 1)
+        _int(self.accuracy_examples, "validation.accuracy_examples", 0)
+        if self.early_stopping_patience is not None:
+            _int(self.early_stopping_patience, "validation.early_stopping_patience", 1)
+        _number(self.early_stopping_min_delta, "validation.early_stopping_min_delta", 0.0, math.inf)
+
+    @classmethod
+    def from_request(cls, config: Any) -> ValidationSettings:
+        return cls(**_fields_of(config, cls, "validation"))
+
+
+@dataclass(frozen=True)
+class OptimizationSettings:
+    total_train_batch_size: int | None = None
+    max_per_device_train_batch_size: int | None = None
+    lr_scaling: str = "none"
+    lr_scheduler: str = "linear"
+    warmup_steps: int = 0
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+
+    def __post_init__(self):
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        for name in ("total_train_batch_size", "max_per_device_train_batch_size"):
+            if getattr(self, name) is not None:
+                _int(getattr(self, name), f"optimization.{name}", 1)
+        if self.max_per_device_train_batch_size is not None and self.total_train_batch_size is None:
+            raise ValueError(
+                "`optimization.max_per_device_train_batch_size` needs "
+                "`optimization.total_train_batch_size`; without it use batch_size."
+            )
+        set_("lr_scaling", _choice(self.lr_scaling, "optimization.lr_scaling", LR_SCALINGS))
+        set_("lr_scheduler", _choice(self.lr_scheduler, "optimization.lr_scheduler", SCHEDULERS))
+        _int(self.warmup_steps, "optimization.warmup_steps", 0)
+        _number(self.warmup_ratio, "optimization.warmup_ratio", 0.0, 0.99)
+        if self.warmup_steps and self.warmup_ratio:
+            raise ValueError(
+                "give `optimization.warmup_steps` or `optimization.warmup_ratio`, not both."
+            )
+        _number(self.weight_decay, "optimization.weight_decay", 0.0, 1.0)
+        if self.max_grad_norm is not None:
+            _number(self.max_grad_norm, "optimization.max_grad_norm", 0.0, math.inf, low_open=True)
+
+    @classmethod
+    def from_request(cls, config: Any) -> OptimizationSettings:
+        return cls(**_fields_of(config, cls, "optimization"))
 
 
 @dataclass(frozen=True)
@@ -30,6 +129,13 @@ class TrainingSettings:
     gradient_checkpointing: bool = False
     # Loss values are read back from the device every this many optimizer steps.
     logging_steps: int = 10
+    # Save a resumable checkpoint every this many optimizer steps (where a checkpoint
+    # folder is set, see training.checkpoints).
+    checkpoint_steps: int | None = None
+    validation: ValidationSettings = field(default_factory=ValidationSettings)
+    optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
+    # Data-parallel processes sharing the global batch (set by the launcher, not users).
+    num_processes: int = 1
 
     def __post_init__(self):
         _int(self.num_epochs, "num_epochs", 1)
@@ -39,14 +145,77 @@ class TrainingSettings:
         _int(self.max_target_length, "max_target_length", 2)
         _int(self.seed, "seed", 0)
         _int(self.logging_steps, "logging_steps", 1)
-        lr = self.learning_rate
-        if isinstance(lr, bool) or not isinstance(lr, (int, float)) or not lr > 0:
-            raise ValueError(f"`learning_rate` must be a number > 0, got {lr!r}.")
+        _int(self.num_processes, "num_processes", 1)
+        if self.checkpoint_steps is not None:
+            _int(self.checkpoint_steps, "checkpoint_steps", 1)
+        _number(self.learning_rate, "learning_rate", 0.0, math.inf, low_open=True)
+        total = self.optimization.total_train_batch_size
+        if total is not None:
+            if self.accumulate_steps != 1:
+                raise ValueError(
+                    "give `accumulate_steps` or `optimization.total_train_batch_size`, not both: "
+                    "the accumulation is derived from the total batch size."
+                )
+            if total % self.num_processes:
+                raise ValueError(
+                    f"`optimization.total_train_batch_size` ({total}) must be a multiple of the "
+                    f"number of processes ({self.num_processes})."
+                )
+            per_process = total // self.num_processes
+            if per_process % self.micro_batch_size:
+                raise ValueError(
+                    f"`optimization.total_train_batch_size` ({total}) must be a multiple of "
+                    f"processes x micro-batch ({self.num_processes} x {self.micro_batch_size})."
+                )
+
+    @property
+    def micro_batch_size(self) -> int:
+        """Records per forward pass on one process."""
+        total = self.optimization.total_train_batch_size
+        if total is None:
+            return self.batch_size
+        per_process = max(1, total // self.num_processes)
+        cap = self.optimization.max_per_device_train_batch_size or per_process
+        return min(cap, per_process)
+
+    @property
+    def accumulation(self) -> int:
+        """Micro-batches per optimizer step on one process."""
+        total = self.optimization.total_train_batch_size
+        if total is None:
+            return self.accumulate_steps
+        return total // self.num_processes // self.micro_batch_size
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.accumulation * self.num_processes
+
+    @property
+    def peak_learning_rate(self) -> float:
+        scaling = self.optimization.lr_scaling
+        factor = {
+            "none": 1.0,
+            "sqrt": math.sqrt(self.global_batch_size),
+            "linear": self.global_batch_size,
+        }
+        return self.learning_rate * factor[scaling]
 
     @classmethod
-    def from_request(cls, **values: Any) -> TrainingSettings:
+    def from_request(
+        cls, validation: Any = None, optimization: Any = None, **values: Any
+    ) -> TrainingSettings:
         """Build from a request's parameters; None means "use the default"."""
-        return cls(**{k: v for k, v in values.items() if v is not None})
+        return cls(
+            validation=ValidationSettings.from_request(validation),
+            optimization=OptimizationSettings.from_request(optimization),
+            **{k: v for k, v in values.items() if v is not None},
+        )
 
     def to_config(self) -> dict[str, Any]:
-        return asdict(self)
+        return {
+            **asdict(self),
+            "micro_batch_size": self.micro_batch_size,
+            "accumulation": self.accumulation,
+            "global_batch_size": self.global_batch_size,
+            "peak_learning_rate": self.peak_learning_rate,
+        }

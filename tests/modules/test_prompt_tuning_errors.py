@@ -74,7 +74,7 @@ def train(**overrides):
         ({"num_epochs": 0}, "`num_epochs` must be >= 1"),
         ({"batch_size": -2}, "`batch_size` must be >= 1"),
         ({"accumulate_steps": 0}, "`accumulate_steps` must be >= 1"),
-        ({"learning_rate": 0.0}, "`learning_rate` must be a number > 0"),
+        ({"learning_rate": 0.0}, "`learning_rate` must be > 0"),
         ({"max_source_length": 0}, "`max_source_length` must be >= 1"),
         ({"num_epochs": 1.5}, "`num_epochs` must be an integer"),
         ({"torch_dtype": "int8"}, "`torch_dtype` must be one of"),

@@ -21,11 +21,13 @@ from ...base_models import (
 )
 from ...data import Verbalizer
 from ...data_model import (
+    OptimizationConfig,
     PromptOutputModelType,
     PromptTuningInitMethod,
     TrainGenerationRecord,
     TuningConfig,
     TuningType,
+    ValidationConfig,
 )
 from ...generation import TextGenerator, generation_api
 from ...training import seed_everything
@@ -102,6 +104,9 @@ class PeftPromptTuning(ModuleBase):
         silence_progress_bars: Optional[bool] = True,
         seed: Optional[int] = 42,
         gradient_checkpointing: Optional[bool] = False,
+        validation: Optional[ValidationConfig] = None,
+        optimization: Optional[OptimizationConfig] = None,
+        checkpoint_steps: Optional[int] = None,
     ) -> "PeftPromptTuning":
         """Learn a soft prompt for `base_model` from input/output records.
 
@@ -127,11 +132,19 @@ class PeftPromptTuning(ModuleBase):
             silence_progress_bars: hide the progress bar. Default True.
             seed: seeds the prompt initialisation and the data order. Default 42.
             gradient_checkpointing: recompute activations to save memory. Default False.
+            validation: split_ratio / split_seed (a validation set cut from the training
+                records), eval_steps (default: every epoch), accuracy_examples (greedy
+                exact-match on that many records), early_stopping_patience / _min_delta.
+            optimization: total_train_batch_size / max_per_device_train_batch_size (derive
+                batch and accumulation), lr_scaling (none, sqrt, linear), lr_scheduler
+                (linear, cosine, constant), warmup_steps / warmup_ratio, weight_decay,
+                max_grad_norm.
+            checkpoint_steps: save resumable state every N steps into the job's folder.
         Returns:
             the tuned PeftPromptTuning model.
         """
         plan, settings = _plan(locals())
-        records, val_records = read_records(train_stream, val_stream)
+        records, val_records = read_records(train_stream, val_stream, plan.training)
         seed_everything(plan.training.seed)
         base = load_base(plan.located, plan.dtype, plan.device)
         generator = torch.Generator().manual_seed(plan.training.seed)
@@ -160,8 +173,8 @@ class PeftPromptTuning(ModuleBase):
         """Check a train() call's arguments without training: the runtime calls this
         at submission so a bad request fails at once, before a job starts."""
         values = bind_arguments(cls.train, arguments)
-        _plan(values)
-        read_records(values["train_stream"], values["val_stream"])
+        plan, _ = _plan(values)
+        read_records(values["train_stream"], values["val_stream"], plan.training)
 
     def model_input(self, text: str) -> str:
         """The model sees `text` through the verbalizer it was trained with."""

@@ -21,7 +21,7 @@ from ...base_models import (
     write_jsonl,
 )
 from ...data import Verbalizer
-from ...data_model import TrainGenerationRecord
+from ...data_model import OptimizationConfig, TrainGenerationRecord, ValidationConfig
 from ...generation import TextGenerator, generation_api
 from ...training import seed_everything
 from ..recipe import (
@@ -102,6 +102,9 @@ class TextGeneration(ModuleBase):
         silence_progress_bars: Optional[bool] = True,
         seed: Optional[int] = 42,
         gradient_checkpointing: Optional[bool] = False,
+        validation: Optional[ValidationConfig] = None,
+        optimization: Optional[OptimizationConfig] = None,
+        checkpoint_steps: Optional[int] = None,
     ) -> "TextGeneration":
         """Fine-tune every weight of `base_model` on input/output records.
 
@@ -123,11 +126,19 @@ class TextGeneration(ModuleBase):
             silence_progress_bars: hide the progress bar. Default True.
             seed: seeds the data order. Default 42.
             gradient_checkpointing: recompute activations to save memory. Default False.
+            validation: split_ratio / split_seed (a validation set cut from the training
+                records), eval_steps (default: every epoch), accuracy_examples (greedy
+                exact-match on that many records), early_stopping_patience / _min_delta.
+            optimization: total_train_batch_size / max_per_device_train_batch_size (derive
+                batch and accumulation), lr_scaling (none, sqrt, linear), lr_scheduler
+                (linear, cosine, constant), warmup_steps / warmup_ratio, weight_decay,
+                max_grad_norm.
+            checkpoint_steps: save resumable state every N steps into the job's folder.
         Returns:
             the fine-tuned TextGeneration model.
         """
         plan = _plan(locals())
-        records, val_records = read_records(train_stream, val_stream)
+        records, val_records = read_records(train_stream, val_stream, plan.training)
         seed_everything(plan.training.seed)
         base = load_base(plan.located, plan.dtype, plan.device)
         base.model.requires_grad_(True)
@@ -140,8 +151,8 @@ class TextGeneration(ModuleBase):
     def validate_training(cls, arguments: dict) -> None:
         """Check a train() call's arguments without training (the runtime's submission check)."""
         values = bind_arguments(cls.train, arguments)
-        _plan(values)
-        read_records(values["train_stream"], values["val_stream"])
+        plan = _plan(values)
+        read_records(values["train_stream"], values["val_stream"], plan.training)
 
     def model_input(self, text: str) -> str:
         if not isinstance(text, str):
