@@ -20,6 +20,11 @@ from transformers import (
 )
 
 SPECIAL_TOKENS = ["<pad>", "</s>", "<unk>", "<s>"]
+# A minimal chat template for the causal model, in the <s>role ... </s> style.
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<s>{{ m['role'] }}\n{{ m['content'] }}</s>\n{% endfor %}"
+    "{% if add_generation_prompt %}<s>assistant\n{% endif %}"
+)
 PAD, EOS, UNK, BOS = range(4)
 
 
@@ -61,6 +66,7 @@ def build_tiny_llama(
 ) -> Path:
     """A 2-layer llama-style causal LM. initializer_range 0.2 makes it learn visibly."""
     tokenizer = build_tokenizer(texts, vocab_size, add_bos=True)
+    tokenizer.chat_template = CHAT_TEMPLATE
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),

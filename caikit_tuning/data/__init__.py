@@ -7,7 +7,8 @@ from .batching import (
     collator_for,
     length_grouped_batches,
 )
-from .records import collect_records
+from .files import read_records_file
+from .records import check_fields, collect_records, is_chat
 from .tokenize import Example, build_examples, encode_sources, tokenize_examples
 from .verbalizer import Verbalizer
 
@@ -19,7 +20,10 @@ __all__ = [
     "collate_causal",
     "collate_seq2seq",
     "collator_for",
+    "check_fields",
     "collect_records",
+    "is_chat",
+    "read_records_file",
     "encode_sources",
     "length_grouped_batches",
     "tokenize_examples",

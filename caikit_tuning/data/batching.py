@@ -81,25 +81,30 @@ def _mask(rows: list[list[int]]) -> torch.Tensor:
 
 def collate_causal(examples: list[Example], pad_id: int) -> Batch:
     rows = [ex.source_ids + ex.target_ids for ex in examples]
-    # Output at position p predicts token p + 1: the targets start after the source.
+    # Output at position p predicts token p + 1: the targets start after the source;
+    # learned source tokens (chat turns) come first.
     positions = [
-        list(range(len(ex.source_ids) - 1, len(ex.source_ids) - 1 + len(ex.target_ids)))
+        [i - 1 for i in ex.source_targets]
+        + list(range(len(ex.source_ids) - 1, len(ex.source_ids) - 1 + len(ex.target_ids)))
         for ex in examples
     ]
+    targets = [[ex.source_ids[i] for i in ex.source_targets] + ex.target_ids for ex in examples]
     input_ids = _pad(rows, pad_id)
     real = sum(len(row) for row in rows)
     return Batch(
         input_ids=input_ids,
         attention_mask=_mask(rows),
-        target_ids=_pad([ex.target_ids for ex in examples], -100),
+        target_ids=_pad(targets, -100),
         target_positions=_pad(positions, 0),
-        num_target_tokens=sum(len(ex.target_ids) for ex in examples),
+        num_target_tokens=sum(len(t) for t in targets),
         num_real_tokens=real,
         num_padded_tokens=input_ids.numel() - real,
     )
 
 
 def collate_seq2seq(examples: list[Example], pad_id: int, decoder_start_id: int) -> Batch:
+    if any(ex.source_targets for ex in examples):
+        raise ValueError("learning source tokens (chat turns) needs a causal LM.")
     sources = [ex.source_ids for ex in examples]
     decoder_rows = [[decoder_start_id] + ex.target_ids[:-1] for ex in examples]
     input_ids = _pad(sources, pad_id)

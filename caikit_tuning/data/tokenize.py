@@ -9,10 +9,15 @@ from transformers import PreTrainedTokenizerBase
 
 @dataclass(frozen=True)
 class Example:
-    """One tokenized record. `target_ids` ends with EOS so the model learns to stop."""
+    """One tokenized record. `target_ids` ends with EOS so the model learns to stop.
+
+    `source_targets` are indices into `source_ids` that are learned too (earlier
+    assistant turns of a chat); normally none: the source is only context.
+    """
 
     source_ids: list[int]
     target_ids: list[int]
+    source_targets: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.source_ids) + len(self.target_ids)
@@ -64,18 +69,76 @@ def tokenize_examples(
     ]
 
 
+CHAT_LOSS = ("last_assistant", "assistant", "all")
+
+
 def build_examples(
     tokenizer: PreTrainedTokenizerBase,
-    records: list[dict[str, str]],
+    records: list[dict],
     render,
     max_source_length: int,
     max_target_length: int,
+    chat_loss: str = "last_assistant",
 ) -> list[Example]:
-    """Verbalize and tokenize every record once, up front."""
+    """Verbalize (or chat-render) and tokenize every record once, up front."""
+    if records and "messages" in records[0]:
+        return [
+            tokenize_chat(tokenizer, r["messages"], chat_loss, max_source_length, max_target_length)
+            for r in records
+        ]
     return tokenize_examples(
         tokenizer,
         [render(record) for record in records],
         [record["output"] for record in records],
         max_source_length,
         max_target_length,
+    )
+
+
+def _chat_ids(
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict], open_turn: bool
+) -> list[int]:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=open_turn)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def tokenize_chat(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict],
+    chat_loss: str,
+    max_source_length: int,
+    max_target_length: int,
+) -> Example:
+    """A conversation through the tokenizer's chat template; the last assistant turn is
+    the target, and with chat_loss "assistant" / "all" earlier assistant turns / every
+    token are learned too."""
+    if chat_loss not in CHAT_LOSS:
+        raise ValueError(f"`chat_loss` must be one of {list(CHAT_LOSS)}, got {chat_loss!r}.")
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError("chat records need a tokenizer with a chat template; this one has none.")
+    source = _chat_ids(tokenizer, messages[:-1], open_turn=True)
+    full = _chat_ids(tokenizer, messages, open_turn=False)
+    if full[: len(source)] == source:
+        target = full[len(source) :]
+    else:  # the template re-tokenizes at the boundary: fall back to the answer's own text
+        target = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+    eos = tokenizer.eos_token_id
+    if eos in target:  # the turn ends at EOS; what the template adds after it is not learned
+        target = target[: target.index(eos)]
+    target = target[: max_target_length - 1] + [eos]
+    learned: list[int] = []
+    if chat_loss == "all":
+        learned = list(range(1, len(source)))
+    elif chat_loss == "assistant":
+        for turn, message in enumerate(messages[:-1]):
+            if message["role"] == "assistant":
+                start = len(_chat_ids(tokenizer, messages[:turn], open_turn=True))
+                end = len(_chat_ids(tokenizer, messages[: turn + 1], open_turn=False))
+                learned.extend(range(max(start, 1), min(end, len(source))))
+    # Keep the end of a long context, as for text records.
+    cut = max(0, len(source) - max_source_length)
+    return Example(
+        source_ids=source[cut:],
+        target_ids=target,
+        source_targets=tuple(i - cut for i in learned if i - cut >= 1),
     )

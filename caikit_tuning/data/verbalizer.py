@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -18,8 +19,9 @@ class Verbalizer:
     fields: tuple[str, ...]
 
     @classmethod
-    def parse(cls, template: str, allowed_fields: Iterable[str] = ("input",)) -> Verbalizer:
-        allowed = tuple(allowed_fields)
+    def parse(cls, template: str, allowed_fields: Iterable[str] | None = None) -> Verbalizer:
+        """Check `template`; placeholders may name any record field (or only
+        `allowed_fields` when given) except `output`."""
         if not isinstance(template, str) or not template:
             raise ValueError(f"`verbalizer` must be a non-empty template string, got {template!r}.")
         fields = tuple(dict.fromkeys(_PLACEHOLDER.findall(template)))
@@ -39,12 +41,31 @@ class Verbalizer:
                 "`verbalizer` may not use {{output}}: the output is what the model learns to "
                 "generate and is unknown at inference."
             )
-        unknown = [name for name in fields if name not in allowed]
+        unknown = [] if allowed_fields is None else [n for n in fields if n not in allowed_fields]
         if unknown:
             raise ValueError(
-                f"`verbalizer` names unknown field(s) {unknown}; valid fields are {list(allowed)}."
+                f"`verbalizer` names unknown field(s) {unknown}; valid fields are {list(allowed_fields)}."
             )
         return cls(template=template, fields=fields)
+
+    def render_request(self, text: str) -> str:
+        """The model input for an inference request: `text` fills {{input}}; a template
+        naming other fields takes `text` as a JSON object of them."""
+        if self.fields == ("input",):
+            return self.render({"input": text})
+        try:
+            values = json.loads(text)
+        except json.JSONDecodeError:
+            values = None
+        if not isinstance(values, dict):
+            raise ValueError(
+                f"this model's verbalizer names {list(self.fields)}: send `text` as a JSON object "
+                f"with those fields, e.g. {json.dumps(dict.fromkeys(self.fields, '...'))}."
+            )
+        missing = [name for name in self.fields if not isinstance(values.get(name), str)]
+        if missing:
+            raise ValueError(f"`text` has no string field(s) {missing} that the verbalizer names.")
+        return self.render(values)
 
     def render(self, record: Mapping[str, str]) -> str:
         def fill(match: re.Match) -> str:

@@ -7,6 +7,7 @@ TokenizationResults).
 
 from .generation import DecodingMethod, ExponentialDecayLengthPenalty
 from .training import (
+    DataConfig,
     GenerationTrainRecord,
     OptimizationConfig,
     PromptOutputModelType,
@@ -18,6 +19,7 @@ from .training import (
 )
 
 __all__ = [
+    "DataConfig",
     "DecodingMethod",
     "ExponentialDecayLengthPenalty",
     "GenerationTrainRecord",

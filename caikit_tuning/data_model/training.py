@@ -99,3 +99,14 @@ class OptimizationConfig(DataObjectBase):
     warmup_ratio: Annotated[Optional[float], FieldNumber(6)]
     weight_decay: Annotated[Optional[float], FieldNumber(7)]
     max_grad_norm: Annotated[Optional[float], FieldNumber(8)]
+
+
+@dataobject(package=PACKAGE)
+class DataConfig(DataObjectBase):
+    """How records become training examples.
+
+    chat_loss, for chat records ({"messages": [...]}): last_assistant (default: learn
+    the final answer), assistant (every assistant turn) or all (every token).
+    """
+
+    chat_loss: Annotated[Optional[str], FieldNumber(1)]

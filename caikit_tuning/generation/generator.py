@@ -28,16 +28,20 @@ class TextGenerator:
         tokenizer: PreTrainedTokenizerBase,
         producer: ProducerId,
         prefix: PromptPrefix = NO_PREFIX,
+        chat: bool = False,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.producer = producer
         self.prefix = prefix
+        # Models trained on chat records always see their input as a chat turn.
+        self.chat = chat
 
     def _start(self, text: str, settings: GenerationSettings):
-        if settings.apply_chat_template:
+        templated = settings.apply_chat_template or self.chat
+        if templated:
             text = chat_prompt(self.tokenizer, text)
-        prompt = prepare_prompt(self.model, self.tokenizer, text, self.prefix, settings)
+        prompt = prepare_prompt(self.model, self.tokenizer, text, self.prefix, settings, templated)
         decode = beam_search if settings.num_beams > 1 else stream_generation
         events = decode(self.model, self.tokenizer, prompt, self.prefix, settings)
         return prompt, events, self._common(text, prompt, settings)

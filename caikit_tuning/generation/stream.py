@@ -57,11 +57,12 @@ def prepare_prompt(
     text: str,
     prefix: PromptPrefix,
     settings: GenerationSettings,
+    templated: bool = False,
 ) -> PreparedPrompt:
     if not isinstance(text, str):
         raise TypeError(f"`text` must be a string, got {type(text).__name__}.")
     # A chat template already spells the special tokens the model expects.
-    ids = tokenizer(text, add_special_tokens=not settings.apply_chat_template)["input_ids"]
+    ids = tokenizer(text, add_special_tokens=not templated)["input_ids"]
     if settings.truncate_input_tokens and len(ids) > settings.truncate_input_tokens:
         # Keep the end of the prompt: it is what the answer continues.
         ids = ids[len(ids) - settings.truncate_input_tokens :]

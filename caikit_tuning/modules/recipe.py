@@ -24,7 +24,7 @@ from ..base_models import (
     load_model_config,
     locate_base_model,
 )
-from ..data import Verbalizer, build_examples, collator_for, collect_records
+from ..data import Verbalizer, build_examples, check_fields, collator_for, collect_records, is_chat
 from ..generation import GenerationSettings, TextGenerator
 from ..training import (
     TrainingResult,
@@ -39,6 +39,7 @@ from ..training import (
 TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings)) + (
     "validation",
     "optimization",
+    "data",
 )
 
 
@@ -71,6 +72,10 @@ def plan_training(
     return TrainingPlan(training, template, located, encoder_decoder, device_, dtype)
 
 
+def trained_on_chat(records: list[dict]) -> bool:
+    return bool(records) and is_chat(records[0])
+
+
 def bind_arguments(train_method: Callable, arguments: dict[str, Any]) -> dict[str, Any]:
     """A train() call's arguments with defaults applied; missing ones are None so the
     checks name them, unknown ones are an error."""
@@ -91,13 +96,25 @@ def training_values(arguments: dict[str, Any]) -> dict[str, Any]:
 
 
 def read_records(
-    train_stream: Any, val_stream: Any, training: TrainingSettings
+    train_stream: Any, val_stream: Any, plan: TrainingPlan
 ) -> tuple[list[dict], list[dict]]:
-    """Training and validation records; without a val_stream, validation.split_ratio
-    of the training records (chosen with split_seed) become the validation set."""
+    """Training and validation records, checked against the plan; without a val_stream,
+    validation.split_ratio of the training records (chosen with split_seed) become the
+    validation set."""
+    training = plan.training
     cap = int(caikit.get_config().get("max_training_records") or 0)
     records = collect_records(train_stream, "train_stream", cap)
     val_records = collect_records(val_stream, "val_stream", required=False)
+    for name, rows in (("train_stream", records), ("val_stream", val_records)):
+        if rows and is_chat(rows[0]):
+            if plan.is_encoder_decoder:
+                raise ValueError(f"`{name}` holds chat records, which need a causal LM.")
+            if plan.verbalizer.template != "{{input}}":
+                raise ValueError(
+                    f"`{name}` holds chat records, rendered by the chat template: leave "
+                    "`verbalizer` unset."
+                )
+        check_fields(rows, plan.verbalizer.fields, name)
     ratio = training.validation.split_ratio
     if ratio and not val_records:
         count = int(len(records) * ratio)
@@ -132,6 +149,7 @@ def fit(
             plan.verbalizer.render,
             training.max_source_length,
             training.max_target_length,
+            training.chat_loss,
         )
         for rows in (records, val_records)
     )

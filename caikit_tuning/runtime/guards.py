@@ -11,12 +11,14 @@ import functools
 from pathlib import Path
 
 import caikit
+from caikit.core.data_model import DataStream
 from caikit.runtime.model_management.model_manager import ModelManager
 from caikit.runtime.service_generation.data_stream_source import FilePluginBase
 from caikit.runtime.types.caikit_runtime_exception import CaikitRuntimeException
 from grpc import StatusCode
 
 from ..base_models.paths import resolve_under
+from ..data.files import read_records_file
 
 _INSTALLED = False
 
@@ -50,6 +52,17 @@ def resolve_data_file(path: str) -> str:
         raise CaikitRuntimeException(StatusCode.INVALID_ARGUMENT, str(err)) from err
 
 
+def read_data_file(cls, fname: str, element_type: type) -> DataStream:
+    """Training records from a file in file_source_base, parsed by caikit_tuning's reader:
+    any columns (for multi-field verbalizers) or chat records, and errors that name the
+    file and line."""
+    path = resolve_data_file(fname)
+    try:
+        return DataStream.from_iterable(read_records_file(path))
+    except ValueError as err:
+        raise CaikitRuntimeException(StatusCode.INVALID_ARGUMENT, str(err)) from err
+
+
 def install() -> None:
     """Wrap the runtime's model lookup, local model loading and file reading (once)."""
     global _INSTALLED
@@ -77,3 +90,4 @@ def install() -> None:
     ModelManager.retrieve_model = guarded_retrieve
     ModelManager.load_model = skip_hidden
     FilePluginBase._get_resolved_source_path = staticmethod(resolve_data_file)
+    FilePluginBase._create_data_stream_from_file = classmethod(read_data_file)

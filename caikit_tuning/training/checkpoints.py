@@ -45,7 +45,9 @@ def fingerprint(settings: Any, examples: list) -> str:
     """Identifies a run: its settings and its data."""
     digest = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     for example in examples:
-        digest.update(json.dumps([example.source_ids, example.target_ids]).encode())
+        digest.update(
+            json.dumps([example.source_ids, example.target_ids, example.source_targets]).encode()
+        )
     return digest.hexdigest()
 
 

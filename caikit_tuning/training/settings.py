@@ -8,6 +8,7 @@ from typing import Any
 
 SCHEDULERS = ("linear", "cosine", "constant")
 LR_SCALINGS = ("none", "sqrt", "linear")
+CHAT_LOSSES = ("last_assistant", "assistant", "all")
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -114,6 +115,13 @@ class OptimizationSettings:
 
 
 @dataclass(frozen=True)
+class _DataFields:
+    """The fields of a request's `data` config (they live on TrainingSettings)."""
+
+    chat_loss: str = "last_assistant"
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     num_epochs: int = 20
     learning_rate: float = 0.3
@@ -134,6 +142,8 @@ class TrainingSettings:
     checkpoint_steps: int | None = None
     validation: ValidationSettings = field(default_factory=ValidationSettings)
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
+    # Chat records: learn the last assistant turn, every assistant turn, or all tokens.
+    chat_loss: str = "last_assistant"
     # Data-parallel processes sharing the global batch (set by the launcher, not users).
     num_processes: int = 1
 
@@ -149,6 +159,9 @@ class TrainingSettings:
         if self.checkpoint_steps is not None:
             _int(self.checkpoint_steps, "checkpoint_steps", 1)
         _number(self.learning_rate, "learning_rate", 0.0, math.inf, low_open=True)
+        object.__setattr__(
+            self, "chat_loss", _choice(self.chat_loss, "data.chat_loss", CHAT_LOSSES)
+        )
         total = self.optimization.total_train_batch_size
         if total is not None:
             if self.accumulate_steps != 1:
@@ -202,12 +215,14 @@ class TrainingSettings:
 
     @classmethod
     def from_request(
-        cls, validation: Any = None, optimization: Any = None, **values: Any
+        cls, validation: Any = None, optimization: Any = None, data: Any = None, **values: Any
     ) -> TrainingSettings:
         """Build from a request's parameters; None means "use the default"."""
+        data_values = _fields_of(data, _DataFields, "data")
         return cls(
             validation=ValidationSettings.from_request(validation),
             optimization=OptimizationSettings.from_request(optimization),
+            **data_values,
             **{k: v for k, v in values.items() if v is not None},
         )
 

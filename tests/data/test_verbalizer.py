@@ -23,7 +23,6 @@ def test_multi_field_template_when_fields_are_allowed():
     ("template", "message"),
     [
         ("no placeholder here", "names no field"),
-        ("{{label}} x", "unknown field"),
         ("{{output}} {{input}}", "may not use {{output}}"),
         ("{{input}} {{oops", "malformed braces"),
         ("", "non-empty template"),
@@ -38,3 +37,18 @@ def test_missing_field_at_render_time():
     verbalizer = Verbalizer.parse("{{input}}")
     with pytest.raises(ValueError, match="no `input`"):
         verbalizer.render({"other": "x"})
+
+
+def test_fields_can_be_restricted():
+    with pytest.raises(ValueError, match=r"unknown field\(s\) \['label'\]"):
+        Verbalizer.parse("{{label}} x", ["input"])
+
+
+def test_requests_fill_input_or_a_json_object_of_fields():
+    assert Verbalizer.parse("Q: {{input}}").render_request("why") == "Q: why"
+    multi = Verbalizer.parse("C: {{context}} Q: {{question}}")
+    assert multi.render_request('{"context": "sky", "question": "color?"}') == "C: sky Q: color?"
+    with pytest.raises(ValueError, match="send `text` as a JSON object"):
+        multi.render_request("plain text")
+    with pytest.raises(ValueError, match=r"no string field\(s\) \['question'\]"):
+        multi.render_request('{"context": "sky"}')

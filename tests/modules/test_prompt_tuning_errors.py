@@ -70,7 +70,7 @@ def train(**overrides):
         ),
         ({"tuning_type": "LORA"}, r"`tuning_type` must be one of \['PROMPT_TUNING'"),
         ({"verbalizer": "no field"}, "`verbalizer` .* names no field"),
-        ({"verbalizer": "{{label}}"}, r"unknown field\(s\) \['label'\]"),
+        ({"verbalizer": "{{label}}"}, "record 0 has no `label`, which the verbalizer names"),
         ({"num_epochs": 0}, "`num_epochs` must be >= 1"),
         ({"batch_size": -2}, "`batch_size` must be >= 1"),
         ({"accumulate_steps": 0}, "`accumulate_steps` must be >= 1"),

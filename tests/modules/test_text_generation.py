@@ -66,21 +66,15 @@ def test_tokenization_task_gives_offsets(llama):
         assert "a fine film"[token.start : token.end] == token.text
 
 
-def test_chat_template_is_applied_on_request(llama, tmp_path):
+def test_chat_template_is_applied_on_request(llama, t5):
     with pytest.raises(ValueError, match="has no chat template"):
-        llama.run("hi", apply_chat_template=True)
-    tokenizer = llama.base.tokenizer
-    tokenizer.chat_template = (
-        "{% for m in messages %}<s>{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+        t5.run("hi", apply_chat_template=True)
+    chat = llama.run("hi", apply_chat_template=True, preserve_input_text=True, max_new_tokens=2)
+    assert chat.generated_text.startswith("<s>user\nhi</s>\n<s>assistant\n")
+    templated = "<s>user\nhi</s>\n<s>assistant\n"
+    assert chat.input_token_count == len(
+        llama.base.tokenizer(templated, add_special_tokens=False)["input_ids"]
     )
-    try:
-        chat = llama.run("hi", apply_chat_template=True, preserve_input_text=True, max_new_tokens=2)
-        assert chat.generated_text.startswith("<s>user: hi\nassistant:")
-        assert chat.input_token_count == len(
-            tokenizer("<s>user: hi\nassistant:", add_special_tokens=False)["input_ids"]
-        )
-    finally:
-        tokenizer.chat_template = None
 
 
 def test_bootstrapped_model_saves_a_reference_and_reloads(llama, tmp_path):

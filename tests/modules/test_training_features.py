@@ -194,3 +194,76 @@ def test_a_checkpoint_of_another_run_is_not_resumed(base_models_dir, tmp_path):
         tune(n=16, num_epochs=1, checkpoint_steps=2)
         other = tune(n=16, num_epochs=1, checkpoint_steps=2, learning_rate=0.1)
     assert other.training_config["resumed_from_step"] is None
+
+
+def test_multi_field_records_train_and_answer_json_requests(base_models_dir):
+    rows = [{"context": "the sky", "question": "what color", "output": "blue"}] * 8
+    model = PeftPromptTuning.train(
+        "tiny-llama",
+        DataStream.from_iterable(rows),
+        TuningConfig(num_virtual_tokens=2),
+        verbalizer="Context: {{context}} Question: {{question}} Answer:",
+        num_epochs=1,
+    )
+    result = model.run(
+        '{"context": "the sky", "question": "what color"}',
+        max_new_tokens=2,
+        preserve_input_text=True,
+    )
+    assert result.generated_text.startswith("Context: the sky Question: what color Answer:")
+    with pytest.raises(ValueError, match="JSON object"):
+        model.run("plain text")
+    with pytest.raises(ValueError, match="record 1 has no `question`"):
+        PeftPromptTuning.train(
+            "tiny-llama",
+            DataStream.from_iterable([rows[0], {"context": "x", "output": "y"}]),
+            TuningConfig(num_virtual_tokens=2),
+            verbalizer="Context: {{context}} Question: {{question}} Answer:",
+        )
+
+
+def test_chat_records_train_and_serve_as_chat(base_models_dir, tmp_path):
+    chats = [
+        {
+            "messages": [
+                {"role": "user", "content": "say yes"},
+                {"role": "assistant", "content": "yes"},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "say no"},
+                {"role": "assistant", "content": "no"},
+            ]
+        },
+    ] * 8
+    model = PeftPromptTuning.train(
+        "tiny-llama",
+        DataStream.from_iterable(chats),
+        TuningConfig(num_virtual_tokens=4),
+        num_epochs=15,
+        batch_size=4,
+        data={"chat_loss": "assistant"},
+    )
+    assert model.chat
+    assert model.run("say yes", max_new_tokens=3).generated_text == "yes"
+    assert model.run(
+        "say yes", max_new_tokens=3, preserve_input_text=True
+    ).generated_text.startswith("<s>user\nsay yes")
+    model.save(str(tmp_path / "chat"))
+    expected = model.run("say no", max_new_tokens=3).generated_text
+    assert (
+        PeftPromptTuning.load(str(tmp_path / "chat")).run("say no", max_new_tokens=3).generated_text
+        == expected
+    )
+    with pytest.raises(ValueError, match="leave `verbalizer` unset"):
+        PeftPromptTuning.train(
+            "tiny-llama",
+            DataStream.from_iterable(chats),
+            TuningConfig(num_virtual_tokens=2),
+            verbalizer="Q: {{input}}",
+        )
+    with pytest.raises(ValueError, match="need a causal LM"):
+        PeftPromptTuning.train(
+            "tiny-t5", DataStream.from_iterable(chats), TuningConfig(num_virtual_tokens=2)
+        )

@@ -252,3 +252,24 @@ def test_training_over_http(runtime, client):
         {"model_name": "no-data", "parameters": parameters},
     )
     assert status == 400 and "`train_stream` is required" in body["details"]
+
+
+def test_training_files_csv_and_malformed(runtime, client):
+    import grpc
+
+    (runtime.data / "train.csv").write_text(
+        "input,output\n" + "\n".join(f'"{r["input"]}",{r["output"]}' for r in RECORDS)
+    )
+    job = client.train_prompt_tuning(
+        "from-csv", "tiny-llama", file="train.csv", **tuning(num_epochs=1)
+    )
+    assert client.wait(job, poll_seconds=0.3, timeout=120)["state"] == "COMPLETED"
+    (runtime.data / "broken.jsonl").write_text(json.dumps(RECORDS[0]) + "\n{not json}\n")
+    with pytest.raises(RuntimeCallError) as caught:
+        client.train_prompt_tuning("broken", "tiny-llama", file="broken.jsonl", **tuning())
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "broken.jsonl line 2: invalid JSON" in caught.value.message
+    (runtime.data / "no-output.jsonl").write_text(json.dumps({"input": "x"}) + "\n")
+    with pytest.raises(RuntimeCallError) as caught:
+        client.train_prompt_tuning("no-output", "tiny-llama", file="no-output.jsonl", **tuning())
+    assert "record 0 has no string `output`" in caught.value.message

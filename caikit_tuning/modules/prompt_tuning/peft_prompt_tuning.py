@@ -21,6 +21,7 @@ from ...base_models import (
 )
 from ...data import Verbalizer
 from ...data_model import (
+    DataConfig,
     OptimizationConfig,
     PromptOutputModelType,
     PromptTuningInitMethod,
@@ -38,6 +39,7 @@ from ..recipe import (
     placement,
     plan_training,
     read_records,
+    trained_on_chat,
     training_summary,
     training_values,
 )
@@ -67,6 +69,7 @@ class PeftPromptTuning(ModuleBase):
         settings: PromptTuningSettings,
         training_config: dict,
         training_logs: list[dict],
+        chat: bool = False,
     ):
         super().__init__()
         self.base = base
@@ -80,7 +83,9 @@ class PeftPromptTuning(ModuleBase):
             base.tokenizer,
             ProducerId(self.MODULE_NAME, self.MODULE_VERSION),
             prompt.prefix(),
+            chat=chat,
         )
+        self.chat = chat
 
     # ---------------------------------------------------------------- training
 
@@ -106,6 +111,7 @@ class PeftPromptTuning(ModuleBase):
         gradient_checkpointing: Optional[bool] = False,
         validation: Optional[ValidationConfig] = None,
         optimization: Optional[OptimizationConfig] = None,
+        data: Optional[DataConfig] = None,
         checkpoint_steps: Optional[int] = None,
     ) -> "PeftPromptTuning":
         """Learn a soft prompt for `base_model` from input/output records.
@@ -139,12 +145,13 @@ class PeftPromptTuning(ModuleBase):
                 batch and accumulation), lr_scaling (none, sqrt, linear), lr_scheduler
                 (linear, cosine, constant), warmup_steps / warmup_ratio, weight_decay,
                 max_grad_norm.
+            data: chat_loss for chat records: last_assistant (default), assistant, all.
             checkpoint_steps: save resumable state every N steps into the job's folder.
         Returns:
             the tuned PeftPromptTuning model.
         """
         plan, settings = _plan(locals())
-        records, val_records = read_records(train_stream, val_stream, plan.training)
+        records, val_records = read_records(train_stream, val_stream, plan)
         seed_everything(plan.training.seed)
         base = load_base(plan.located, plan.dtype, plan.device)
         generator = torch.Generator().manual_seed(plan.training.seed)
@@ -166,6 +173,7 @@ class PeftPromptTuning(ModuleBase):
             settings,
             training_summary(plan, result, len(records)),
             result.logs,
+            chat=trained_on_chat(records),
         )
 
     @classmethod
@@ -174,13 +182,13 @@ class PeftPromptTuning(ModuleBase):
         at submission so a bad request fails at once, before a job starts."""
         values = bind_arguments(cls.train, arguments)
         plan, _ = _plan(values)
-        read_records(values["train_stream"], values["val_stream"], plan.training)
+        read_records(values["train_stream"], values["val_stream"], plan)
 
     def model_input(self, text: str) -> str:
         """The model sees `text` through the verbalizer it was trained with."""
         if not isinstance(text, str):
             raise TypeError(f"`text` must be a string, got {type(text).__name__}.")
-        return self.verbalizer.render({"input": text})
+        return text if self.chat else self.verbalizer.render_request(text)
 
     # ------------------------------------------------------------ save / load
 
@@ -200,6 +208,7 @@ class PeftPromptTuning(ModuleBase):
                         "base_model": self.base.source.to_config(),
                         "is_encoder_decoder": self.base.is_encoder_decoder,
                         "verbalizer": self.verbalizer.template,
+                        "chat": self.chat,
                         "tuning_type": self.settings.tuning_type.name,
                         "num_virtual_tokens": self.settings.num_virtual_tokens,
                         "prompt_tuning_init_method": self.settings.init_method.name,
@@ -254,6 +263,7 @@ class PeftPromptTuning(ModuleBase):
             settings,
             dict(config.get("training") or {}),
             read_jsonl(folder / TRAINING_LOGS),
+            chat=bool(config.get("chat", False)),
         )
 
 

@@ -21,7 +21,7 @@ from ...base_models import (
     write_jsonl,
 )
 from ...data import Verbalizer
-from ...data_model import OptimizationConfig, TrainGenerationRecord, ValidationConfig
+from ...data_model import DataConfig, OptimizationConfig, TrainGenerationRecord, ValidationConfig
 from ...generation import TextGenerator, generation_api
 from ...training import seed_everything
 from ..recipe import (
@@ -30,6 +30,7 @@ from ..recipe import (
     placement,
     plan_training,
     read_records,
+    trained_on_chat,
     training_summary,
     training_values,
 )
@@ -57,14 +58,16 @@ class TextGeneration(ModuleBase):
         verbalizer: Optional[Verbalizer] = None,
         training_config: Optional[dict] = None,
         training_logs: Optional[list] = None,
+        chat: bool = False,
     ):
         super().__init__()
         self.base = base
         self.verbalizer = verbalizer
         self.training_config = training_config or {}
         self.training_logs = training_logs or []
+        self.chat = chat
         self.generator = TextGenerator(
-            base.model, base.tokenizer, ProducerId(self.MODULE_NAME, self.MODULE_VERSION)
+            base.model, base.tokenizer, ProducerId(self.MODULE_NAME, self.MODULE_VERSION), chat=chat
         )
 
     @property
@@ -104,6 +107,7 @@ class TextGeneration(ModuleBase):
         gradient_checkpointing: Optional[bool] = False,
         validation: Optional[ValidationConfig] = None,
         optimization: Optional[OptimizationConfig] = None,
+        data: Optional[DataConfig] = None,
         checkpoint_steps: Optional[int] = None,
     ) -> "TextGeneration":
         """Fine-tune every weight of `base_model` on input/output records.
@@ -133,31 +137,40 @@ class TextGeneration(ModuleBase):
                 batch and accumulation), lr_scaling (none, sqrt, linear), lr_scheduler
                 (linear, cosine, constant), warmup_steps / warmup_ratio, weight_decay,
                 max_grad_norm.
+            data: chat_loss for chat records: last_assistant (default), assistant, all.
             checkpoint_steps: save resumable state every N steps into the job's folder.
         Returns:
             the fine-tuned TextGeneration model.
         """
         plan = _plan(locals())
-        records, val_records = read_records(train_stream, val_stream, plan.training)
+        records, val_records = read_records(train_stream, val_stream, plan)
         seed_everything(plan.training.seed)
         base = load_base(plan.located, plan.dtype, plan.device)
         base.model.requires_grad_(True)
         params = [p for p in base.model.parameters() if p.requires_grad]
         result = fit(base, plan, params, lambda: NO_PREFIX, records, val_records)
         base.model.requires_grad_(False)
-        return cls(base, plan.verbalizer, training_summary(plan, result, len(records)), result.logs)
+        return cls(
+            base,
+            plan.verbalizer,
+            training_summary(plan, result, len(records)),
+            result.logs,
+            chat=trained_on_chat(records),
+        )
 
     @classmethod
     def validate_training(cls, arguments: dict) -> None:
         """Check a train() call's arguments without training (the runtime's submission check)."""
         values = bind_arguments(cls.train, arguments)
         plan = _plan(values)
-        read_records(values["train_stream"], values["val_stream"], plan.training)
+        read_records(values["train_stream"], values["val_stream"], plan)
 
     def model_input(self, text: str) -> str:
         if not isinstance(text, str):
             raise TypeError(f"`text` must be a string, got {type(text).__name__}.")
-        return self.verbalizer.render({"input": text}) if self.verbalizer else text
+        if self.chat or self.verbalizer is None:
+            return text
+        return self.verbalizer.render_request(text)
 
     # ------------------------------------------------------------ save / load
 
@@ -165,7 +178,7 @@ class TextGeneration(ModuleBase):
         """Write config.yml (and, for a fine-tuned model, its weights as safetensors with
         the tokenizer in `model/`, and training_logs.jsonl). Atomic."""
         with atomic_folder(model_path) as staging:
-            config = {"is_encoder_decoder": self.base.is_encoder_decoder}
+            config = {"is_encoder_decoder": self.base.is_encoder_decoder, "chat": self.chat}
             if self.fine_tuned:
                 weights = staging / WEIGHTS_FOLDER
                 self.base.model.save_pretrained(weights, safe_serialization=True)
@@ -217,6 +230,7 @@ class TextGeneration(ModuleBase):
             verbalizer,
             dict(config.get("training") or {}),
             read_jsonl(folder / TRAINING_LOGS),
+            chat=bool(config.get("chat", False)),
         )
 
 

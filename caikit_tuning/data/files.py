@@ -1,0 +1,77 @@
+"""Record files: JSON arrays, JSONL and CSV, read whole, with errors naming file and line."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+FORMATS = (".json", ".jsonl", ".csv")
+
+
+def read_records_file(path: str | Path) -> list[dict]:
+    """Every record of a .json (array of objects), .jsonl or .csv (with a header) file.
+
+    A malformed line is an error naming the file and the line; nothing is skipped.
+    """
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix not in FORMATS:
+        raise ValueError(
+            f"{path.name}: unsupported file type {suffix!r}; use one of {list(FORMATS)}."
+        )
+    if not path.is_file():
+        raise ValueError(f"{path.name}: no such file.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        line = path.read_bytes()[: err.start].count(b"\n") + 1
+        raise ValueError(f"{path.name} line {line}: not valid UTF-8 ({err.reason}).") from err
+    reader = {".json": _json, ".jsonl": _jsonl, ".csv": _csv}[suffix]
+    return reader(path.name, text)
+
+
+def _object(name: str, line: int, value) -> dict:
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} line {line}: expected a JSON object, got {type(value).__name__}.")
+    return value
+
+
+def _json(name: str, text: str) -> list[dict]:
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{name} line {err.lineno}: invalid JSON ({err.msg}).") from err
+    if not isinstance(data, list):
+        raise ValueError(f"{name} line 1: expected a JSON array of records.")
+    # Positions in an array have no line numbers once parsed; count records instead.
+    return [_object(name, index + 1, item) for index, item in enumerate(data)]
+
+
+def _jsonl(name: str, text: str) -> list[dict]:
+    records = []
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(_object(name, number, json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{name} line {number}: invalid JSON ({err.msg}).") from err
+    return records
+
+
+def _csv(name: str, text: str) -> list[dict]:
+    rows = csv.reader(text.splitlines())
+    header = next(rows, None)
+    if not header:
+        raise ValueError(f"{name} line 1: missing the header row (e.g. input,output).")
+    records = []
+    for number, row in enumerate(rows, start=2):
+        if not row:
+            continue
+        if len(row) != len(header):
+            raise ValueError(
+                f"{name} line {number}: {len(row)} columns, but the header has {len(header)}."
+            )
+        records.append(dict(zip(header, row, strict=True)))
+    return records
