@@ -153,8 +153,22 @@ def load_tokenizer(located: LocatedModel) -> PreTrainedTokenizerBase:
         located.location, trust_remote_code=False, local_files_only=located.local
     )
     if tokenizer.pad_token_id is None:
-        # Padding is masked out of attention and loss, so any existing token will do.
-        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        strategy = str(_library_config().get("missing_pad_token") or "eos").lower()
+        choices = {
+            "eos": tokenizer.eos_token,
+            "bos": tokenizer.bos_token,
+            "unk": tokenizer.unk_token,
+        }
+        if strategy not in choices:
+            raise ValueError(
+                f"`missing_pad_token` must be one of {list(choices)}, got {strategy!r}."
+            )
+        if choices[strategy] is None:
+            raise ValueError(
+                f"the tokenizer has no pad token and no {strategy.upper()} token to pad with; "
+                f"set `missing_pad_token` to one of {[k for k, v in choices.items() if v]}."
+            )
+        tokenizer.pad_token = choices[strategy]
     return tokenizer
 
 

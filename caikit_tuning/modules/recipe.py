@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import caikit
@@ -23,6 +24,7 @@ from ..base_models import (
     is_encoder_decoder,
     load_model_config,
     locate_base_model,
+    write_jsonl,
 )
 from ..data import Verbalizer, build_examples, check_fields, collator_for, collect_records, is_chat
 from ..generation import GenerationSettings, TextGenerator
@@ -35,6 +37,8 @@ from ..training import (
     summed_token_loss,
     train,
 )
+from ..training.plots import write_loss_curve
+from ..training.tracking import Tracker, record_model_path
 
 TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings)) + (
     "validation",
@@ -165,8 +169,9 @@ def fit(
     )
     if training.gradient_checkpointing:
         enable({"use_reentrant": False})
+    tracker = Tracker({**training.to_config(), "base_model": str(plan.located.source)})
     try:
-        return train(
+        result = train(
             model=base.model,
             params=params,
             loss_fn=lambda batch: summed_token_loss(base.model, batch, prefix()),
@@ -181,7 +186,15 @@ def fit(
             amp_dtype=autocast_dtype(plan.device, plan.dtype),
             val_examples=val_examples,
             accuracy_fn=_accuracy(base, plan, prefix, val_records),
+            on_log=tracker.log,
         )
+    except BaseException:
+        tracker.finish("FAILED")
+        raise
+    else:
+        tracker.finish()
+        result.tracking_run_id = tracker.run_id
+        return result
     finally:
         if training.gradient_checkpointing:
             disable()
@@ -227,4 +240,20 @@ def training_summary(plan: TrainingPlan, result: TrainingResult, num_records: in
         "stopped_early": result.stopped_early,
         "best_step": result.best_step,
         "resumed_from_step": result.resumed_from_step,
+        "tracking_run_id": result.tracking_run_id,
     }
+
+
+TRAINING_LOGS = "training_logs.jsonl"
+TRAINING_CURVE = "training_curve.png"
+
+
+def write_training_artifacts(folder: Path, logs: list[dict], title: str) -> None:
+    """training_logs.jsonl and, when there are losses, training_curve.png."""
+    write_jsonl(folder / TRAINING_LOGS, logs)
+    write_loss_curve(logs, folder / TRAINING_CURVE, title)
+
+
+def after_save(training_config: dict, model_path: str) -> None:
+    """Tell the tracker where the model went."""
+    record_model_path(training_config.get("tracking_run_id"), model_path)

@@ -24,6 +24,7 @@ from ..base_models.paths import resolve_under
 log = alog.use_channel("JOBS")
 
 REQUEST_FILE = "request.pkl"
+CHECKPOINTS_FOLDER = "checkpoints"
 LOG_FILE = "worker.log"
 JOBS_FOLDER = ".jobs"
 
@@ -96,8 +97,11 @@ class Job(ModelTrainerFutureBase):
         on_finish,
         cancel_grace: float,
         python: str,
+        max_retries: int = 0,
     ):
         super().__init__(future_name=trainer_name, future_id=training_id)
+        self._max_retries = max_retries
+        self._attempt = 0
         self.request = request
         self._save_path = str(request.save_path(training_id))
         self._folder = request.output_root / JOBS_FOLDER / training_id
@@ -134,16 +138,20 @@ class Job(ModelTrainerFutureBase):
                     "module": f"{self.request.module_class.__module__}:{self.request.module_class.__qualname__}",
                     "kwargs": self.request.kwargs,
                     "save_path": self._save_path,
+                    "model_name": self.request.model_name,
                 },
                 handle,
             )
+        self._launch(slot)
+
+    def _launch(self, slot) -> None:
         read_end, write_end = os.pipe()
         env = {**os.environ, **slot.environment(), "CAIKIT_TUNING_PROGRESS_FD": str(write_end)}
         config_files = caikit.get_config().get("config_files")
         if config_files:
             env["CONFIG_FILES"] = str(config_files)
         with self._lock:
-            if self._status != TrainingStatus.QUEUED:  # cancelled meanwhile
+            if self._status not in (TrainingStatus.QUEUED, TrainingStatus.RUNNING):  # cancelled
                 os.close(read_end)
                 os.close(write_end)
                 self._finish_locked(self._status, self._reason)
@@ -159,13 +167,15 @@ class Job(ModelTrainerFutureBase):
                     start_new_session=True,
                 )
             self._slot = slot
+            self._attempt += 1
             self._status = TrainingStatus.RUNNING
         os.close(write_end)
         log.info("training %s running as pid %d on %s", self.id, self._process.pid, slot)
         threading.Thread(target=self._watch, args=(read_end,), daemon=True).start()
 
     def _watch(self, read_end: int) -> None:
-        """Follow the worker's messages until it exits, then settle the status."""
+        """Follow the worker's messages until it exits, then settle the status (or
+        restart a worker that died, when retries are configured)."""
         result: dict | None = None
         with os.fdopen(read_end, "r", encoding="utf-8") as messages:
             for line in messages:
@@ -178,6 +188,7 @@ class Job(ModelTrainerFutureBase):
                 elif message.get("event") in ("done", "error"):
                     result = message
         code = self._process.wait()
+        retry = False
         with self._lock:
             if self._status == TrainingStatus.CANCELED:
                 self._finish_locked(TrainingStatus.CANCELED, self._reason)
@@ -188,11 +199,20 @@ class Job(ModelTrainerFutureBase):
                 self._finish_locked(TrainingStatus.ERRORED, result["message"])
             else:
                 how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                self._finish_locked(
-                    TrainingStatus.ERRORED,
-                    f"the worker process died ({how}) before finishing; see {self._folder / LOG_FILE}",
-                )
-        self._on_finish(self._slot)
+                retry = self._attempt <= self._max_retries
+                if retry:
+                    # The new worker resumes from the job's last checkpoint, if it saved one.
+                    self._progress = f"restarting after the worker process died ({how})"
+                    log.warning("training %s: worker died (%s), restarting", self.id, how)
+                else:
+                    self._finish_locked(
+                        TrainingStatus.ERRORED,
+                        f"the worker process died ({how}) before finishing; see {self._folder / LOG_FILE}",
+                    )
+        if retry:
+            self._launch(self._slot)
+        else:
+            self._on_finish(self._slot)
 
     def fail(self, reason: str) -> None:
         with self._lock:

@@ -32,13 +32,19 @@ def main(folder: Path) -> int:
 
     try:
         import caikit_tuning  # noqa: F401  (configures caikit, registers modules)
-        from caikit_tuning.runtime.jobs import REQUEST_FILE
+        from caikit_tuning.runtime.jobs import CHECKPOINTS_FOLDER, REQUEST_FILE
+        from caikit_tuning.training import checkpointing
         from caikit_tuning.training.progress import progress_sink
+        from caikit_tuning.training.tracking import run_name
 
         with open(folder / REQUEST_FILE, "rb") as handle:
             request = pickle.load(handle)  # written by this job's own server
         module_class = _load_class(request["module"])
-        with progress_sink(lambda entry: send({"event": "progress", **entry})):
+        with (
+            progress_sink(lambda entry: send({"event": "progress", **entry})),
+            checkpointing(folder / CHECKPOINTS_FOLDER),
+            run_name(request["model_name"]),
+        ):
             model = module_class.train(**request["kwargs"])
         model.save(request["save_path"])
     except BaseException as err:  # noqa: BLE001  (report every failure to the server)

@@ -9,6 +9,7 @@
             gpus: auto        # "auto" (every visible GPU), a list of indices, or []
             cpu_slots: 1      # concurrent jobs when there is no GPU
             cancel_grace_seconds: 3
+            max_retries: 0    # restart a worker that died; it resumes from checkpoints
 
 Jobs wait in a queue in submission order. Each GPU runs one job at a time (the worker
 sees only its GPU through CUDA_VISIBLE_DEVICES); without GPUs, `cpu_slots` jobs run at
@@ -97,6 +98,7 @@ class WorkerPoolTrainer(ModelTrainerBase):
             os.cpu_count() or 1,
         )
         self._cancel_grace = float(config.get("cancel_grace_seconds", 3))
+        self._max_retries = int(config.get("max_retries", 0))
         self._free = list(self._slots)
         self._queue: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
@@ -133,6 +135,7 @@ class WorkerPoolTrainer(ModelTrainerBase):
             on_finish=self._release,
             cancel_grace=self._cancel_grace,
             python=sys.executable,
+            max_retries=self._max_retries,
         )
         with self._lock:
             if job.id in self._jobs and not self._jobs[job.id].get_info().status.is_terminal:

@@ -37,6 +37,7 @@ class TrainingResult:
     stopped_early: bool = False
     best_step: int | None = None
     resumed_from_step: int | None = None
+    tracking_run_id: str | None = None
 
     @property
     def final_loss(self) -> float | None:

@@ -138,6 +138,7 @@ EXPECTED_FILES = [
     "adapter_config.json",
     "adapter_model.safetensors",
     "config.yml",
+    "training_curve.png",
     "training_logs.jsonl",
 ]
 
@@ -258,7 +259,7 @@ def test_failed_save_leaves_no_folder(llama_model, tmp_path, monkeypatch):
     def broken(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(peft_prompt_tuning, "write_jsonl", broken)
+    monkeypatch.setattr(peft_prompt_tuning, "write_training_artifacts", broken)
     with pytest.raises(OSError, match="disk full"):
         llama_model.save(str(tmp_path / "m"))
     assert list(tmp_path.iterdir()) == []

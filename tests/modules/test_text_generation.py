@@ -124,7 +124,7 @@ def test_fine_tuning_lowers_loss_and_reloads_identically(base, base_models_dir, 
     ).generated_text
     model.save(str(tmp_path / "tuned"))
     files = sorted(p.name for p in (tmp_path / "tuned").iterdir())
-    assert files == ["config.yml", "model", "training_logs.jsonl"]
+    assert files == ["config.yml", "model", "training_curve.png", "training_logs.jsonl"]
     assert (tmp_path / "tuned" / "model" / "model.safetensors").is_file()
     out = subprocess.run(
         [sys.executable, "-c", RELOAD, str(tmp_path / "tuned"), str(base_models_dir)],

@@ -17,7 +17,6 @@ from ...base_models import (
     load_base,
     locate_base_model,
     read_jsonl,
-    write_jsonl,
 )
 from ...data import Verbalizer
 from ...data_model import (
@@ -33,7 +32,9 @@ from ...data_model import (
 from ...generation import TextGenerator, generation_api
 from ...training import seed_everything
 from ..recipe import (
+    TRAINING_LOGS,
     TrainingPlan,
+    after_save,
     bind_arguments,
     fit,
     placement,
@@ -42,13 +43,12 @@ from ..recipe import (
     trained_on_chat,
     training_summary,
     training_values,
+    write_training_artifacts,
 )
 from .settings import PromptTuningSettings, parse_enum
 from .soft_prompt import SoftPrompt, initial_weight, load_adapter, save_adapter
 
 log = alog.use_channel("PROMPT")
-
-TRAINING_LOGS = "training_logs.jsonl"
 
 
 @module(
@@ -193,14 +193,15 @@ class PeftPromptTuning(ModuleBase):
     # ------------------------------------------------------------ save / load
 
     def save(self, model_path: str) -> None:
-        """Write config.yml, the PEFT adapter and training_logs.jsonl to `model_path`.
+        """Write config.yml, the PEFT adapter, training_logs.jsonl and training_curve.png
+        to `model_path`.
 
         The base model is not copied: config.yml records its name (or folder).
         The folder appears complete or not at all.
         """
         with atomic_folder(model_path) as staging:
             save_adapter(staging, self.prompt, self.base.is_encoder_decoder, str(self.base.source))
-            write_jsonl(staging / TRAINING_LOGS, self.training_logs)
+            write_training_artifacts(staging, self.training_logs, self.base.source.name or "model")
             saver = ModuleSaver(self, model_path=str(staging))
             with saver:
                 saver.update_config(
@@ -217,6 +218,7 @@ class PeftPromptTuning(ModuleBase):
                         "training": self.training_config,
                     }
                 )
+        after_save(self.training_config, model_path)
 
     @classmethod
     def load(

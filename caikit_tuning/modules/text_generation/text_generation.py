@@ -18,13 +18,14 @@ from ...base_models import (
     load_base,
     locate_base_model,
     read_jsonl,
-    write_jsonl,
 )
 from ...data import Verbalizer
 from ...data_model import DataConfig, OptimizationConfig, TrainGenerationRecord, ValidationConfig
 from ...generation import TextGenerator, generation_api
 from ...training import seed_everything
 from ..recipe import (
+    TRAINING_LOGS,
+    after_save,
     bind_arguments,
     fit,
     placement,
@@ -33,11 +34,11 @@ from ..recipe import (
     trained_on_chat,
     training_summary,
     training_values,
+    write_training_artifacts,
 )
 
 log = alog.use_channel("TEXTGEN")
 
-TRAINING_LOGS = "training_logs.jsonl"
 # Fine-tuned weights live in this sub-folder, as a standard Hugging Face model folder.
 WEIGHTS_FOLDER = "model"
 
@@ -183,7 +184,9 @@ class TextGeneration(ModuleBase):
                 weights = staging / WEIGHTS_FOLDER
                 self.base.model.save_pretrained(weights, safe_serialization=True)
                 self.base.tokenizer.save_pretrained(weights)
-                write_jsonl(staging / TRAINING_LOGS, self.training_logs)
+                write_training_artifacts(
+                    staging, self.training_logs, self.base.source.name or "model"
+                )
                 config.update(
                     weights=WEIGHTS_FOLDER,
                     trained_from=self.base.source.to_config(),
@@ -196,6 +199,7 @@ class TextGeneration(ModuleBase):
             saver = ModuleSaver(self, model_path=str(staging))
             with saver:
                 saver.update_config(config)
+        after_save(self.training_config, model_path)
 
     @classmethod
     def load(
