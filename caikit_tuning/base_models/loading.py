@@ -148,6 +148,15 @@ def is_encoder_decoder(config: PretrainedConfig, field: str = "base_model") -> b
     )
 
 
+def hidden_size(config: PretrainedConfig) -> int:
+    """Width of the model's token embeddings, from its config."""
+    for name in ("hidden_size", "d_model", "n_embd"):
+        value = getattr(config, name, None)
+        if isinstance(value, int):
+            return value
+    raise ValueError(f"cannot tell the hidden size of a {config.model_type!r} model.")
+
+
 def load_tokenizer(located: LocatedModel) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
         located.location, trust_remote_code=False, local_files_only=located.local

@@ -15,12 +15,14 @@ class PromptPrefix:
     A causal LM only has a decoder; `encoder` is for encoder-decoder models.
     """
 
-    encoder: torch.Tensor | None = None  # (num_virtual_tokens, hidden)
-    decoder: torch.Tensor | None = None  # (num_virtual_tokens, hidden)
+    # (num_virtual_tokens, hidden), or (batch, num_virtual_tokens, hidden) when each row
+    # of a batch has its own prompt (multitask training).
+    encoder: torch.Tensor | None = None
+    decoder: torch.Tensor | None = None
 
     @staticmethod
     def length(vectors: torch.Tensor | None) -> int:
-        return 0 if vectors is None else vectors.shape[0]
+        return 0 if vectors is None else vectors.shape[-2]
 
 
 NO_PREFIX = PromptPrefix()
@@ -30,7 +32,7 @@ def embed_with_prefix(
     model: PreTrainedModel,
     input_ids: torch.Tensor,  # (batch, seq_len)
     attention_mask: torch.Tensor | None,  # (batch, seq_len)
-    vectors: torch.Tensor | None,  # (num_virtual_tokens, hidden)
+    vectors: torch.Tensor | None,  # (num_virtual_tokens, hidden) or (batch, ...)
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Input embeddings with `vectors` prepended to every row, and the matching mask."""
     embeds = model.get_input_embeddings()(input_ids)  # (batch, seq_len, hidden)
@@ -39,6 +41,8 @@ def embed_with_prefix(
     if vectors is None:
         return embeds, attention_mask
     batch = input_ids.shape[0]
-    prefix = vectors.to(embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
-    prefix_mask = attention_mask.new_ones(batch, vectors.shape[0])
+    prefix = vectors.to(embeds.dtype)
+    if prefix.dim() == 2:
+        prefix = prefix.unsqueeze(0).expand(batch, -1, -1)  # (batch, virtual, hidden)
+    prefix_mask = attention_mask.new_ones(batch, prefix.shape[1])
     return torch.cat([prefix, embeds], dim=1), torch.cat([prefix_mask, attention_mask], dim=1)

@@ -9,7 +9,7 @@ from .batching import (
 )
 from .files import read_records_file
 from .records import check_fields, collect_records, is_chat
-from .tokenize import Example, build_examples, encode_sources, tokenize_examples
+from .tokenize import Example, build_examples, encode_sources, task_names, tokenize_examples
 from .verbalizer import Verbalizer
 
 __all__ = [
@@ -24,6 +24,7 @@ __all__ = [
     "collect_records",
     "is_chat",
     "read_records_file",
+    "task_names",
     "encode_sources",
     "length_grouped_batches",
     "tokenize_examples",

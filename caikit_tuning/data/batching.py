@@ -49,6 +49,7 @@ class Batch:
     target_positions: torch.Tensor | None = None  # (batch, n_targets), causal only
     decoder_input_ids: torch.Tensor | None = None  # (batch, n_targets), seq2seq only
     decoder_attention_mask: torch.Tensor | None = None
+    task_ids: torch.Tensor | None = None  # (batch,)
     num_target_tokens: int = 0
     num_real_tokens: int = 0
     num_padded_tokens: int = 0
@@ -64,6 +65,7 @@ class Batch:
             target_positions=move(self.target_positions),
             decoder_input_ids=move(self.decoder_input_ids),
             decoder_attention_mask=move(self.decoder_attention_mask),
+            task_ids=move(self.task_ids),
             num_target_tokens=self.num_target_tokens,
             num_real_tokens=self.num_real_tokens,
             num_padded_tokens=self.num_padded_tokens,
@@ -96,6 +98,7 @@ def collate_causal(examples: list[Example], pad_id: int) -> Batch:
         attention_mask=_mask(rows),
         target_ids=_pad(targets, -100),
         target_positions=_pad(positions, 0),
+        task_ids=torch.tensor([ex.task for ex in examples]),
         num_target_tokens=sum(len(t) for t in targets),
         num_real_tokens=real,
         num_padded_tokens=input_ids.numel() - real,
@@ -116,6 +119,7 @@ def collate_seq2seq(examples: list[Example], pad_id: int, decoder_start_id: int)
         target_ids=_pad([ex.target_ids for ex in examples], -100),
         decoder_input_ids=decoder_input_ids,
         decoder_attention_mask=_mask(decoder_rows),
+        task_ids=torch.tensor([ex.task for ex in examples]),
         num_target_tokens=sum(len(ex.target_ids) for ex in examples),
         num_real_tokens=real,
         num_padded_tokens=input_ids.numel() + decoder_input_ids.numel() - real,

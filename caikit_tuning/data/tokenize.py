@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 from transformers import PreTrainedTokenizerBase
@@ -18,6 +19,8 @@ class Example:
     source_ids: list[int]
     target_ids: list[int]
     source_targets: tuple[int, ...] = ()
+    # Index of the record's task (multitask prompt tuning); 0 when there is one task.
+    task: int = 0
 
     def __len__(self) -> int:
         return len(self.source_ids) + len(self.target_ids)
@@ -80,19 +83,31 @@ def build_examples(
     max_target_length: int,
     chat_loss: str = "last_assistant",
 ) -> list[Example]:
-    """Verbalize (or chat-render) and tokenize every record once, up front."""
+    """Verbalize (or chat-render) and tokenize every record once, up front; records
+    with a `task` field get the index of their task in `task_names(records)`."""
     if records and "messages" in records[0]:
-        return [
+        examples = [
             tokenize_chat(tokenizer, r["messages"], chat_loss, max_source_length, max_target_length)
             for r in records
         ]
-    return tokenize_examples(
-        tokenizer,
-        [render(record) for record in records],
-        [record["output"] for record in records],
-        max_source_length,
-        max_target_length,
-    )
+    else:
+        examples = tokenize_examples(
+            tokenizer,
+            [render(record) for record in records],
+            [record["output"] for record in records],
+            max_source_length,
+            max_target_length,
+        )
+    index = {name: i for i, name in enumerate(task_names(records))}
+    return [
+        dataclasses.replace(ex, task=index[r.get("task", "")])
+        for ex, r in zip(examples, records, strict=True)
+    ]
+
+
+def task_names(records: list[dict]) -> list[str]:
+    """The distinct `task` values of the records, sorted ("" for records without one)."""
+    return sorted({record.get("task", "") for record in records})
 
 
 def _chat_ids(

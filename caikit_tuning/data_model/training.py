@@ -51,6 +51,7 @@ class TuningConfig(DataObjectBase):
     prompt_tuning_init_method takes a PromptTuningInitMethod name (RANDOM, TEXT,
     ONLY_SOURCE_SHARED, AVERAGE_SOURCE; AVERAGE_SOURCE_TASKS is accepted as an alias).
     output_model_types takes PromptOutputModelType names (DECODER, ENCODER).
+    num_ranks is the rank of the task-specific update (MULTITASK_PROMPT_TUNING only).
     """
 
     num_virtual_tokens: Annotated[int, FieldNumber(1)]
@@ -58,6 +59,7 @@ class TuningConfig(DataObjectBase):
     prompt_tuning_init_text: Annotated[Optional[str], FieldNumber(3)]
     prompt_tuning_init_source_model: Annotated[Optional[str], FieldNumber(4)]
     output_model_types: Annotated[Optional[List[str]], FieldNumber(5)]
+    num_ranks: Annotated[Optional[int], FieldNumber(6)]
 
 
 @dataobject(package=PACKAGE)

@@ -26,7 +26,15 @@ from ..base_models import (
     locate_base_model,
     write_jsonl,
 )
-from ..data import Verbalizer, build_examples, check_fields, collator_for, collect_records, is_chat
+from ..data import (
+    Batch,
+    Verbalizer,
+    build_examples,
+    check_fields,
+    collator_for,
+    collect_records,
+    is_chat,
+)
 from ..generation import GenerationSettings, TextGenerator
 from ..training import (
     TrainingResult,
@@ -140,11 +148,13 @@ def fit(
     base: BaseModel,
     plan: TrainingPlan,
     params: list[torch.nn.Parameter],
-    prefix: Callable[[], PromptPrefix],
+    prefix: Callable[[Batch | None], PromptPrefix],
     records: list[dict],
     val_records: list[dict],
 ) -> TrainingResult:
-    """Tokenize the records once and train `params` through the shared loop."""
+    """Tokenize the records once and train `params` through the shared loop.
+
+    `prefix(batch)` gives the soft prompts for a batch (None: for generation)."""
     training = plan.training
     examples, val_examples = (
         build_examples(
@@ -174,7 +184,7 @@ def fit(
         result = train(
             model=base.model,
             params=params,
-            loss_fn=lambda batch: summed_token_loss(base.model, batch, prefix()),
+            loss_fn=lambda batch: summed_token_loss(base.model, batch, prefix(batch)),
             examples=examples,
             collate=collator_for(
                 base.is_encoder_decoder,
@@ -201,7 +211,10 @@ def fit(
 
 
 def _accuracy(
-    base: BaseModel, plan: TrainingPlan, prefix: Callable[[], PromptPrefix], records: list[dict]
+    base: BaseModel,
+    plan: TrainingPlan,
+    prefix: Callable[[Batch | None], PromptPrefix],
+    records: list[dict],
 ) -> Callable[[], float] | None:
     """Greedy exact-match accuracy on up to validation.accuracy_examples records."""
     count = plan.training.validation.accuracy_examples

@@ -4,6 +4,7 @@ from pathlib import Path
 from typing import Optional
 
 import alog
+import caikit
 import torch
 from caikit.core import ModuleBase, module
 from caikit.core.data_model import DataStream, ProducerId
@@ -14,11 +15,13 @@ from ...base_models import (
     BaseModel,
     BaseModelSource,
     atomic_folder,
+    hidden_size,
     load_base,
+    load_model_config,
     locate_base_model,
     read_jsonl,
 )
-from ...data import Verbalizer
+from ...data import Verbalizer, task_names
 from ...data_model import (
     DataConfig,
     OptimizationConfig,
@@ -45,8 +48,17 @@ from ..recipe import (
     training_values,
     write_training_artifacts,
 )
+from .multitask import (
+    MultitaskSoftPrompt,
+    check_source_prompt,
+    check_tasks,
+    initial_multitask,
+    load_source,
+    source_prefix,
+    source_prompt_base,
+)
 from .settings import PromptTuningSettings, parse_enum
-from .soft_prompt import SoftPrompt, initial_weight, load_adapter, save_adapter
+from .soft_prompt import SoftPrompt, export_tgis, initial_weight, load_adapter, save_adapter
 
 log = alog.use_channel("PROMPT")
 
@@ -70,10 +82,15 @@ class PeftPromptTuning(ModuleBase):
         training_config: dict,
         training_logs: list[dict],
         chat: bool = False,
+        source: Optional[MultitaskSoftPrompt] = None,
+        tasks: Optional[list] = None,
     ):
         super().__init__()
         self.base = base
         self.prompt = prompt
+        # Multitask models keep their source prompt (shared prompt + task factors).
+        self.source = source
+        self.tasks = tasks or []
         self.verbalizer = verbalizer
         self.settings = settings
         self.training_config = training_config
@@ -155,11 +172,20 @@ class PeftPromptTuning(ModuleBase):
         seed_everything(plan.training.seed)
         base = load_base(plan.located, plan.dtype, plan.device)
         generator = torch.Generator().manual_seed(plan.training.seed)
-        prompt = SoftPrompt(
-            initial_weight(base.model, base.tokenizer, settings, generator), settings.placements
-        ).to(plan.device)
+        start = initial_weight(base.model, base.tokenizer, settings, generator)  # (rows, hidden)
+        tasks = task_names(records)
+        check_tasks(tasks, settings)
+        if settings.multitask:
+            source = initial_multitask(start, settings, len(tasks), generator, source_prompt_base())
+            source.to(plan.device)
+            params, prefix = list(source.parameters()), source_prefix(source)
+        else:
+            source, prompt = None, SoftPrompt(start, settings.placements).to(plan.device)
+            params, prefix = list(prompt.parameters()), lambda batch: prompt.prefix()
         base.model.requires_grad_(False)
-        result = fit(base, plan, list(prompt.parameters()), prompt.prefix, records, val_records)
+        result = fit(base, plan, params, prefix, records, val_records)
+        if source is not None:
+            prompt = source.export().to(plan.device)
         log.info(
             "trained %d steps in %.1fs, final loss %s",
             result.steps,
@@ -174,6 +200,8 @@ class PeftPromptTuning(ModuleBase):
             training_summary(plan, result, len(records)),
             result.logs,
             chat=trained_on_chat(records),
+            source=source,
+            tasks=tasks if source is not None else None,
         )
 
     @classmethod
@@ -181,8 +209,9 @@ class PeftPromptTuning(ModuleBase):
         """Check a train() call's arguments without training: the runtime calls this
         at submission so a bad request fails at once, before a job starts."""
         values = bind_arguments(cls.train, arguments)
-        plan, _ = _plan(values)
-        read_records(values["train_stream"], values["val_stream"], plan)
+        plan, settings = _plan(values)
+        records, _ = read_records(values["train_stream"], values["val_stream"], plan)
+        check_tasks(task_names(records), settings)
 
     def model_input(self, text: str) -> str:
         """The model sees `text` through the verbalizer it was trained with."""
@@ -201,6 +230,10 @@ class PeftPromptTuning(ModuleBase):
         """
         with atomic_folder(model_path) as staging:
             save_adapter(staging, self.prompt, self.base.is_encoder_decoder, str(self.base.source))
+            if self.source is not None:
+                self.source.save_source(staging)
+            if caikit.get_config().get("export_tgis_prompts"):
+                export_tgis(staging, self.prompt)
             write_training_artifacts(staging, self.training_logs, self.base.source.name or "model")
             saver = ModuleSaver(self, model_path=str(staging))
             with saver:
@@ -214,6 +247,8 @@ class PeftPromptTuning(ModuleBase):
                         "num_virtual_tokens": self.settings.num_virtual_tokens,
                         "prompt_tuning_init_method": self.settings.init_method.name,
                         "output_model_types": [p.name for p in self.settings.placements],
+                        "num_ranks": self.settings.num_ranks,
+                        "tasks": self.tasks,
                         "adapter": "adapter_model.safetensors",
                         "training": self.training_config,
                     }
@@ -250,6 +285,7 @@ class PeftPromptTuning(ModuleBase):
             init_text=None,
             init_source_model=None,
             placements=placements,
+            num_ranks=int(config.get("num_ranks") or 1),
         )
         prompt = load_adapter(folder, placements)
         base = load_base(located, dtype, device_)
@@ -266,6 +302,8 @@ class PeftPromptTuning(ModuleBase):
             dict(config.get("training") or {}),
             read_jsonl(folder / TRAINING_LOGS),
             chat=bool(config.get("chat", False)),
+            source=load_source(folder, placements),
+            tasks=list(config.get("tasks") or []),
         )
 
 
@@ -281,4 +319,8 @@ def _plan(arguments: dict) -> tuple[TrainingPlan, PromptTuningSettings]:
     settings = PromptTuningSettings.from_request(
         arguments["tuning_type"], arguments["tuning_config"], plan.is_encoder_decoder
     )
+    if settings.init_source_model:
+        check_source_prompt(
+            settings, source_prompt_base(), hidden_size(load_model_config(plan.located))
+        )
     return plan, settings

@@ -20,6 +20,7 @@ _TUNING_CONFIG_FIELDS = (
     "prompt_tuning_init_text",
     "prompt_tuning_init_source_model",
     "output_model_types",
+    "num_ranks",
 )
 MAX_VIRTUAL_TOKENS = 1024
 
@@ -63,6 +64,12 @@ class PromptTuningSettings:
     init_source_model: str | None
     # Where the prompt goes, encoder first: the order of the rows in the saved tensor.
     placements: tuple[PromptOutputModelType, ...]
+    # Rank of the task-specific update (multitask prompt tuning).
+    num_ranks: int = 1
+
+    @property
+    def multitask(self) -> bool:
+        return self.tuning_type == TuningType.MULTITASK_PROMPT_TUNING
 
     @classmethod
     def from_request(
@@ -70,11 +77,7 @@ class PromptTuningSettings:
     ) -> PromptTuningSettings:
         config = _tuning_config_dict(tuning_config)
         tuning = parse_enum(tuning_type or "PROMPT_TUNING", TuningType, "tuning_type")
-        if tuning == TuningType.MULTITASK_PROMPT_TUNING:
-            raise ValueError(
-                "`tuning_type` MULTITASK_PROMPT_TUNING is not available in this version; "
-                "use PROMPT_TUNING."
-            )
+        multitask = tuning == TuningType.MULTITASK_PROMPT_TUNING
         count = config.get("num_virtual_tokens")
         if (
             isinstance(count, bool)
@@ -103,24 +106,40 @@ class PromptTuningSettings:
                 "`tuning_config.prompt_tuning_init_text` only applies to prompt_tuning_init_method "
                 f"TEXT, but the method is {method.name}."
             )
-        if method in _SOURCE_METHODS:
+        if method in _SOURCE_METHODS and not multitask:
             raise ValueError(
                 f"`tuning_config.prompt_tuning_init_method` {method.name} initialises from a "
                 "multitask source prompt and needs tuning_type MULTITASK_PROMPT_TUNING; use "
                 "RANDOM or TEXT with PROMPT_TUNING."
             )
-        if source:
+        if method in _SOURCE_METHODS and not source:
+            raise ValueError(
+                f"`tuning_config.prompt_tuning_init_source_model` is required with "
+                f"prompt_tuning_init_method {method.name}: name a source prompt under source_prompt_base."
+            )
+        if source and method not in _SOURCE_METHODS:
             raise ValueError(
                 "`tuning_config.prompt_tuning_init_source_model` only applies to the source "
                 "init methods (ONLY_SOURCE_SHARED, AVERAGE_SOURCE)."
+            )
+        ranks = config.get("num_ranks")
+        if ranks is not None and not multitask:
+            raise ValueError(
+                "`tuning_config.num_ranks` only applies to tuning_type MULTITASK_PROMPT_TUNING."
+            )
+        ranks = 1 if ranks is None else ranks
+        if isinstance(ranks, bool) or not isinstance(ranks, int) or not 0 < ranks <= 64:
+            raise ValueError(
+                f"`tuning_config.num_ranks` must be an integer in 1..64, got {ranks!r}."
             )
         return cls(
             tuning_type=tuning,
             num_virtual_tokens=count,
             init_method=method,
             init_text=text if method == PromptTuningInitMethod.TEXT else None,
-            init_source_model=None,
+            init_source_model=source or None,
             placements=_placements(config.get("output_model_types"), is_encoder_decoder),
+            num_ranks=ranks,
         )
 
 

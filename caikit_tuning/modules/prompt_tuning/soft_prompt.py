@@ -97,3 +97,12 @@ def load_adapter(folder: Path, placements: tuple[PromptOutputModelType, ...]) ->
     if _WEIGHTS_KEY not in tensors:
         raise ValueError(f"{folder / ADAPTER_WEIGHTS} holds no `{_WEIGHTS_KEY}` tensor.")
     return SoftPrompt(tensors[_WEIGHTS_KEY], placements)
+
+
+def export_tgis(folder: Path, prompt: SoftPrompt) -> None:
+    """Also write the prompt vectors as TGIS reads them: decoder.pt / encoder.pt, each a
+    (num_virtual_tokens, hidden) tensor."""
+    prefix = prompt.prefix()
+    for name, vectors in (("encoder", prefix.encoder), ("decoder", prefix.decoder)):
+        if vectors is not None:
+            torch.save(vectors.detach().cpu().clone(), folder / f"{name}.pt")

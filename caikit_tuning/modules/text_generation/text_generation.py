@@ -149,7 +149,7 @@ class TextGeneration(ModuleBase):
         base = load_base(plan.located, plan.dtype, plan.device)
         base.model.requires_grad_(True)
         params = [p for p in base.model.parameters() if p.requires_grad]
-        result = fit(base, plan, params, lambda: NO_PREFIX, records, val_records)
+        result = fit(base, plan, params, lambda batch: NO_PREFIX, records, val_records)
         base.model.requires_grad_(False)
         return cls(
             base,
