@@ -15,6 +15,7 @@ from .loading import (
 )
 from .paths import resolve_under
 from .prefix import NO_PREFIX, PromptPrefix, embed_with_prefix
+from .registry import load_shared
 
 __all__ = [
     "NO_PREFIX",
@@ -29,6 +30,7 @@ __all__ = [
     "load_base",
     "load_model",
     "load_model_config",
+    "load_shared",
     "load_tokenizer",
     "locate_base_model",
     "read_jsonl",

@@ -13,6 +13,7 @@ from caikit.interfaces.nlp.data_model import (
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..base_models.prefix import NO_PREFIX, PromptPrefix
+from .batching import engine_for
 from .beams import beam_search
 from .results import stream_results, unary_result
 from .settings import GenerationSettings
@@ -42,8 +43,12 @@ class TextGenerator:
         if templated:
             text = chat_prompt(self.tokenizer, text)
         prompt = prepare_prompt(self.model, self.tokenizer, text, self.prefix, settings, templated)
-        decode = beam_search if settings.num_beams > 1 else stream_generation
-        events = decode(self.model, self.tokenizer, prompt, self.prefix, settings)
+        engine = engine_for(self.model) if settings.num_beams == 1 else None
+        if engine is not None:
+            events = engine.submit(self.tokenizer, prompt, self.prefix, settings)
+        else:
+            decode = beam_search if settings.num_beams > 1 else stream_generation
+            events = decode(self.model, self.tokenizer, prompt, self.prefix, settings)
         return prompt, events, self._common(text, prompt, settings)
 
     def _common(self, text: str, prompt: PreparedPrompt, settings: GenerationSettings) -> dict:

@@ -7,6 +7,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+import torch
 from caikit.interfaces.nlp.data_model import FinishReason
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -88,6 +89,63 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
     )
 
 
+class RequestDecoder:
+    """One request's side of decoding: turns each step's logits into a TokenEvent.
+
+    The model side (one sequence, or a batch shared with other requests) only has to
+    feed it logits and then the chosen token.
+    """
+
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        tokenizer: PreTrainedTokenizerBase,
+        prompt: PreparedPrompt,
+        prefix: PromptPrefix,
+        settings: GenerationSettings,
+    ):
+        self.settings = settings
+        self.started = time.monotonic()
+        self.eos_ids = eos_token_ids(model, tokenizer)
+        self.chooser = TokenChooser(settings, prompt.ids, self.eos_ids, prompt.seed)
+        self.assembler = TextAssembler(tokenizer, settings.stop_sequences)
+        self.limit = None if model.config.is_encoder_decoder else context_length(model)
+        self.virtual = PromptPrefix.length(prefix.decoder)
+        self.sequence = list(prompt.ids)
+        self.count = 0
+        self.finished = False
+
+    def advance(self, logits: torch.Tensor) -> TokenEvent:
+        """Choose the next token from `logits` (vocab,) and say what it means."""
+        settings, assembler = self.settings, self.assembler
+        token, logprob, rank = self.chooser.choose(logits, self.sequence)
+        self.sequence.append(token)
+        self.count += 1
+        finish = None
+        if token in self.eos_ids:
+            finish = FinishReason.EOS_TOKEN
+            text = assembler.finish()
+        else:
+            text = assembler.add(token)
+            if assembler.stopped:
+                finish = FinishReason.STOP_SEQUENCE
+            elif self.count == settings.max_new_tokens:
+                finish = FinishReason.MAX_TOKENS
+            elif (
+                settings.max_time is not None
+                and time.monotonic() - self.started >= settings.max_time
+            ):
+                finish = FinishReason.TIME_LIMIT
+            elif self.limit is not None and len(self.sequence) + self.virtual >= self.limit:
+                finish = FinishReason.TOKEN_LIMIT
+            if finish is not None:
+                text += assembler.finish()
+        details = settings.include_logprobs or settings.include_ranks
+        token_text = assembler.token_text(token) if details else None
+        self.finished = finish is not None
+        return TokenEvent(token, text, token_text, logprob, rank, self.count, finish)
+
+
 def stream_generation(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
@@ -95,45 +153,14 @@ def stream_generation(
     prefix: PromptPrefix,
     settings: GenerationSettings,
 ) -> Iterator[TokenEvent]:
-    """Generate token by token; each event is yielded as soon as its token exists."""
-    started = time.monotonic()
-    eos_ids = eos_token_ids(model, tokenizer)
-    chooser = TokenChooser(settings, prompt.ids, eos_ids, prompt.seed)
-    assembler = TextAssembler(tokenizer, settings.stop_sequences)
+    """Generate token by token on this thread; each event is yielded as soon as its
+    token exists."""
+    decoder = RequestDecoder(model, tokenizer, prompt, prefix, settings)
     session = DecodingSession(model, prompt.ids, prefix)
-    limit = context_length(model)
-    virtual = PromptPrefix.length(prefix.decoder)
-    sequence = list(prompt.ids)
     logits = session.prefill()
-    for count in range(1, settings.max_new_tokens + 1):
-        token, logprob, rank = chooser.choose(logits, sequence)
-        sequence.append(token)
-        finish = None
-        if token in eos_ids:
-            finish = FinishReason.EOS_TOKEN
-            text = assembler.finish()
-        else:
-            text = assembler.add(token)
-            if assembler.stopped:
-                finish = FinishReason.STOP_SEQUENCE
-            elif count == settings.max_new_tokens:
-                finish = FinishReason.MAX_TOKENS
-            elif settings.max_time is not None and time.monotonic() - started >= settings.max_time:
-                finish = FinishReason.TIME_LIMIT
-            elif (
-                limit is not None
-                and not model.config.is_encoder_decoder
-                and len(sequence) + virtual >= limit
-            ):
-                finish = FinishReason.TOKEN_LIMIT
-            if finish is not None:
-                text += assembler.finish()
-        token_text = (
-            assembler.token_text(token)
-            if settings.include_logprobs or settings.include_ranks
-            else None
-        )
-        yield TokenEvent(token, text, token_text, logprob, rank, count, finish)
-        if finish is not None:
+    while True:
+        event = decoder.advance(logits)
+        yield event
+        if decoder.finished:
             return
-        logits = session.step(token)
+        logits = session.step(event.token_id)

@@ -18,6 +18,7 @@ from ...base_models import (
     hidden_size,
     load_base,
     load_model_config,
+    load_shared,
     locate_base_model,
     read_jsonl,
 )
@@ -288,7 +289,7 @@ class PeftPromptTuning(ModuleBase):
             num_ranks=int(config.get("num_ranks") or 1),
         )
         prompt = load_adapter(folder, placements)
-        base = load_base(located, dtype, device_)
+        base = load_shared(located, dtype, device_)
         if prompt.weight.shape[1] != base.model.get_input_embeddings().weight.shape[1]:
             raise ValueError(
                 f"the prompt at {folder} has width {prompt.weight.shape[1]} but base model "

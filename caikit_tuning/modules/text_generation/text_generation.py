@@ -16,6 +16,7 @@ from ...base_models import (
     LocatedModel,
     atomic_folder,
     load_base,
+    load_shared,
     locate_base_model,
     read_jsonl,
 )
@@ -60,9 +61,12 @@ class TextGeneration(ModuleBase):
         training_config: Optional[dict] = None,
         training_logs: Optional[list] = None,
         chat: bool = False,
+        source: Optional[BaseModelSource] = None,
     ):
         super().__init__()
         self.base = base
+        # Where the weights came from (a fine-tuned copy reports its origin).
+        self.source = source or base.source
         self.verbalizer = verbalizer
         self.training_config = training_config or {}
         self.training_logs = training_logs or []
@@ -86,7 +90,7 @@ class TextGeneration(ModuleBase):
         under base_models_dir) for serving. Saving it records where it is; no copy."""
         located = locate_base_model(base_model_path, field="base_model_path")
         device_, dtype = placement(device, torch_dtype)
-        return cls(load_base(located, dtype, device_))
+        return cls(load_shared(located, dtype, device_))
 
     @classmethod
     def train(
@@ -189,11 +193,11 @@ class TextGeneration(ModuleBase):
                 )
                 config.update(
                     weights=WEIGHTS_FOLDER,
-                    trained_from=self.base.source.to_config(),
+                    trained_from=self.source.to_config(),
                     training=self.training_config,
                 )
             else:
-                config["base_model"] = self.base.source.to_config()
+                config["base_model"] = self.source.to_config()
             if self.verbalizer is not None:
                 config["verbalizer"] = self.verbalizer.template
             saver = ModuleSaver(self, model_path=str(staging))
@@ -224,10 +228,8 @@ class TextGeneration(ModuleBase):
                     f"cannot load the text generation model at {folder}: {err}"
                 ) from err
         device_, dtype = placement(device, torch_dtype)
-        base = load_base(located, dtype, device_)
-        if config.get("trained_from"):
-            # Report where the weights came from, not the copy inside this folder.
-            base.source = BaseModelSource.from_config(dict(config.trained_from))
+        base = load_shared(located, dtype, device_)
+        trained_from = config.get("trained_from")
         verbalizer = Verbalizer.parse(config.verbalizer) if config.get("verbalizer") else None
         return cls(
             base,
@@ -235,6 +237,7 @@ class TextGeneration(ModuleBase):
             dict(config.get("training") or {}),
             read_jsonl(folder / TRAINING_LOGS),
             chat=bool(config.get("chat", False)),
+            source=BaseModelSource.from_config(dict(trained_from)) if trained_from else None,
         )
 
 

@@ -1,0 +1,34 @@
+"""One copy of each base model in memory, shared by every model built on it.
+
+Loaded models hold the BaseModel strongly; the registry only weakly. When the last
+prompt / adapter / TextGeneration model using a base is unloaded, Python frees the
+base model with it.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+
+import torch
+
+from .loading import BaseModel, LocatedModel, load_base
+
+_SHARED: weakref.WeakValueDictionary[tuple, BaseModel] = weakref.WeakValueDictionary()
+_LOCK = threading.Lock()
+
+
+def load_shared(located: LocatedModel, dtype: torch.dtype, device: torch.device) -> BaseModel:
+    """The loaded base model for (location, dtype, device), loading it on first use."""
+    key = (located.location, str(dtype), str(device))
+    with _LOCK:
+        base = _SHARED.get(key)
+        if base is None:
+            base = load_base(located, dtype, device)
+            _SHARED[key] = base
+        return base
+
+
+def shared_count() -> int:
+    """How many base models are in memory through the registry."""
+    return len(_SHARED)
