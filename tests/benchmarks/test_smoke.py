@@ -39,3 +39,26 @@ def test_train_throughput_benchmark_smoke(tmp_path):
         assert summary[variant]["tokens_per_second"] > 0
     assert "tokens_per_second" in summary["ratios"]
     assert "| train tokens/s" in (results / "ci_smoke.md").read_text()
+
+
+def run_benchmark(script, tmp_path, *args):
+    out = subprocess.run(
+        [sys.executable, f"benchmarks/{script}", "--model", "tiny", "--results-dir", str(tmp_path), *args],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(next(tmp_path.glob("*.json")).read_text())
+
+
+def test_serving_benchmark_smoke(tmp_path):
+    summary = run_benchmark("serving_batching.py", tmp_path, "--requests", "16", "--models", "5", "--new-tokens", "4")
+    assert summary["sequential"]["errors"] == summary["concurrent"]["errors"] == 0
+    assert summary["throughput_ratio"] > 0 and summary["memory_ratio"] > 0
+
+
+def test_generation_speed_benchmark_smoke(tmp_path):
+    summary = run_benchmark("generation_speed.py", tmp_path, "--repeats", "1", "--max-new-tokens", "4")
+    assert summary["texts_identical"]
