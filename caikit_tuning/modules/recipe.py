@@ -45,6 +45,7 @@ from ..training import (
     summed_token_loss,
     train,
 )
+from ..training.distributed import world
 from ..training.plots import write_loss_curve
 from ..training.tracking import Tracker, record_model_path
 
@@ -65,6 +66,8 @@ class TrainingPlan:
     is_encoder_decoder: bool
     device: torch.device
     dtype: torch.dtype
+    # bf16 autocast for float32 weights, unless the caller asked for float32 explicitly.
+    amp_dtype: torch.dtype | None = None
 
 
 def placement(device: Any, torch_dtype: Any) -> tuple[torch.device, torch.dtype]:
@@ -77,11 +80,13 @@ def plan_training(
     base_model: Any, device: Any, verbalizer: Any, torch_dtype: Any, **training_values: Any
 ) -> TrainingPlan:
     template = Verbalizer.parse(verbalizer if verbalizer is not None else "{{input}}")
-    training = TrainingSettings.from_request(**training_values)
+    # Under torch.distributed, the global batch is shared by every process.
+    training = TrainingSettings.from_request(num_processes=world().size, **training_values)
     located = locate_base_model(base_model)
     encoder_decoder = is_encoder_decoder(load_model_config(located))
     device_, dtype = placement(device, torch_dtype)
-    return TrainingPlan(training, template, located, encoder_decoder, device_, dtype)
+    amp = None if torch_dtype else autocast_dtype(device_, dtype)
+    return TrainingPlan(training, template, located, encoder_decoder, device_, dtype, amp)
 
 
 def trained_on_chat(records: list[dict]) -> bool:
@@ -193,7 +198,7 @@ def fit(
             ),
             settings=training,
             device=plan.device,
-            amp_dtype=autocast_dtype(plan.device, plan.dtype),
+            amp_dtype=plan.amp_dtype,
             val_examples=val_examples,
             accuracy_fn=_accuracy(base, plan, prefix, val_records),
             on_log=tracker.log,
@@ -226,7 +231,7 @@ def _accuracy(
     def accuracy() -> float:
         base.model.eval()
         generator = TextGenerator(
-            base.model, base.tokenizer, ProducerId("validation", "0"), prefix()
+            base.model, base.tokenizer, ProducerId("validation", "0"), prefix(None)
         )
         hits = sum(
             generator.generate(plan.verbalizer.render(r), settings).generated_text.strip()
@@ -243,6 +248,7 @@ def training_summary(plan: TrainingPlan, result: TrainingResult, num_records: in
     return {
         **plan.training.to_config(),
         "torch_dtype": str(plan.dtype).removeprefix("torch."),
+        "autocast": str(plan.amp_dtype).removeprefix("torch.") if plan.amp_dtype else None,
         "num_records": num_records,
         "steps": result.steps,
         "seconds": round(result.seconds, 3),

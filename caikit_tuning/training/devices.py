@@ -25,7 +25,10 @@ def resolve_device(device: str | None) -> torch.device:
     always means the job's own GPU.
     """
     if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        # One GPU per process under torchrun / Ray Train: this process's own.
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
     try:
         resolved = torch.device(device)
     except RuntimeError as err:

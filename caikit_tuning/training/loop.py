@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 
 from ..data.batching import Batch, length_grouped_batches
 from ..data.tokenize import Example
-from . import checkpoints
+from . import checkpoints, distributed
 from .progress import report
 from .schedule import build_optimizer, build_schedule
 from .settings import TrainingSettings
@@ -101,8 +101,13 @@ class _Run:
             else contextlib.nullcontext()
         )
         self.lengths = [len(ex) for ex in examples]
+        # Target tokens per example: a step's loss is divided by the tokens of the whole
+        # global window, which every process can count without collating other shares.
+        self.target_counts = [len(ex.target_ids) + len(ex.source_targets) for ex in examples]
+        self.world = distributed.world()
         batches = math.ceil(len(examples) / settings.micro_batch_size)
-        self.steps_per_epoch = math.ceil(batches / settings.accumulation)
+        # Each optimizer step takes `accumulation` micro-batches on every process.
+        self.steps_per_epoch = math.ceil(batches / (settings.accumulation * self.world.size))
         self.total_steps = self.steps_per_epoch * settings.num_epochs
         self.optimizer = build_optimizer(params, settings)
         self.schedule = build_schedule(self.optimizer, settings, self.total_steps)
@@ -125,7 +130,7 @@ class _Run:
             total=self.total_steps,
             initial=self.result.steps,
             desc="training",
-            disable=settings.silence_progress_bars,
+            disable=settings.silence_progress_bars or not self.world.is_main,
         )
         self.progress = progress
         self.started = time.perf_counter() - self.result.seconds
@@ -138,17 +143,19 @@ class _Run:
             order = length_grouped_batches(
                 self.lengths, settings.micro_batch_size, self.generator, settings.group_by_length
             )
-            windows = [
-                order[i : i + settings.accumulation]
-                for i in range(0, len(order), settings.accumulation)
-            ]
+            width = settings.accumulation * self.world.size
+            windows = [order[i : i + width] for i in range(0, len(order), width)]
             for index in range(start_window if epoch == start_epoch else 0, len(windows)):
                 self._step(windows[index], epoch + (index + 1) / len(windows))
                 position = (epoch, index + 1, epoch_rng)
                 eval_steps = settings.validation.eval_steps
                 if self.val_examples and eval_steps and self.result.steps % eval_steps == 0:
                     stop = self._validate(epoch + (index + 1) / len(windows))
-                if self.folder and self.result.steps % settings.checkpoint_steps == 0:
+                if (
+                    self.folder
+                    and self.world.is_main
+                    and self.result.steps % settings.checkpoint_steps == 0
+                ):
                     self._save(*position)
                 if stop:
                     break
@@ -170,17 +177,30 @@ class _Run:
         return self.result
 
     def _step(self, window: list[list[int]], epoch_position: float) -> None:
-        batches = [self.collate([self.examples[i] for i in idx]) for idx in window]
-        window_tokens = sum(batch.num_target_tokens for batch in batches)
+        window_tokens = sum(self.target_counts[i] for idx in window for i in idx)
+        # This process's share of the global window's micro-batches.
+        mine = window[self.world.rank :: self.world.size]
         step_loss = torch.zeros((), device=self.device)
-        for batch in batches:
+        tokens = [0, 0, 0]  # real, padded, target
+        for idx in mine:
+            batch = self.collate([self.examples[i] for i in idx])
             with self.autocast:
                 loss = self.loss_fn(batch.to(self.device)) / window_tokens
             loss.backward()
-            step_loss += loss.detach()
-            self.result.real_tokens += batch.num_real_tokens
-            self.result.padded_tokens += batch.num_padded_tokens
-            self.result.target_tokens += batch.num_target_tokens
+            step_loss += loss.detach().float()
+            tokens[0] += batch.num_real_tokens
+            tokens[1] += batch.num_padded_tokens
+            tokens[2] += batch.num_target_tokens
+        if self.world.size > 1:
+            distributed.all_reduce_gradients(self.params)
+            shared = distributed.all_reduce_sum(
+                torch.tensor(tokens, dtype=torch.float64, device=self.device)
+            )
+            tokens = [int(v) for v in shared[:3].tolist()]
+            distributed.all_reduce_sum(step_loss)
+        self.result.real_tokens += tokens[0]
+        self.result.padded_tokens += tokens[1]
+        self.result.target_tokens += tokens[2]
         if self.settings.optimization.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.optimization.max_grad_norm)
         self.optimizer.step()
@@ -206,6 +226,8 @@ class _Run:
 
     def _report_progress(self) -> None:
         """Every step: where the run is, with the latest loss read back so far."""
+        if not self.world.is_main:
+            return
         elapsed = time.perf_counter() - self.started
         done = self.result.steps
         report(

@@ -150,9 +150,10 @@ class PeftPromptTuning(ModuleBase):
             max_source_length: longest input in tokens; longer ones lose their start. Default 256.
             max_target_length: longest output in tokens, EOS included. Default 128.
             accumulate_steps: micro-batches per optimizer step. Default 1.
-            torch_dtype: weight dtype (float32, bfloat16, float16); default float32 on CPU,
-                bf16/fp16 on GPUs. float32 weights train with bf16 autocast where the
-                hardware runs bf16 natively.
+            torch_dtype: weight dtype (float32, bfloat16, float16). Unset: float32 weights
+                computed under bf16 autocast where the hardware runs bf16 natively (CPUs
+                with AVX512-BF16/AMX, recent GPUs), else float32; bf16/fp16 weights on
+                GPUs. "float32" given explicitly computes in float32 throughout.
             silence_progress_bars: hide the progress bar. Default True.
             seed: seeds the prompt initialisation and the data order. Default 42.
             gradient_checkpointing: recompute activations to save memory. Default False.
