@@ -16,15 +16,20 @@ caikit.configure(str(Path(__file__).parent / "config" / "config.yml"))
 
 from . import data_model, modules  # noqa: E402
 from .data_model import (  # noqa: E402
+    AdapterConfig,
     GenerationTrainRecord,
+    QuantizationConfig,
     TrainGenerationRecord,
     TuningConfig,
 )
-from .modules import PeftPromptTuning, TextGeneration  # noqa: E402
+from .modules import LoraTuning, PeftPromptTuning, TextGeneration  # noqa: E402
 
 __all__ = [
+    "AdapterConfig",
     "GenerationTrainRecord",
+    "LoraTuning",
     "PeftPromptTuning",
+    "QuantizationConfig",
     "TextGeneration",
     "TrainGenerationRecord",
     "TuningConfig",

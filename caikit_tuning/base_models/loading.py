@@ -181,8 +181,16 @@ def load_tokenizer(located: LocatedModel) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_model(located: LocatedModel, dtype: torch.dtype, device: torch.device) -> PreTrainedModel:
-    """Load weights (safetensors only) in `dtype` onto `device`, in eval mode."""
+def load_model(
+    located: LocatedModel,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization_config: Any | None = None,
+) -> PreTrainedModel:
+    """Load weights (safetensors only) in `dtype` onto `device`, in eval mode.
+
+    `quantization_config` (a transformers BitsAndBytesConfig) loads the linear layers
+    quantized; such weights are placed while loading, as they cannot be moved after."""
     config = load_model_config(located)
     auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
     log.info("loading base model %s (%s, %s)", located.source, dtype, device)
@@ -199,8 +207,13 @@ def load_model(located: LocatedModel, dtype: torch.dtype, device: torch.device) 
         trust_remote_code=False,
         local_files_only=located.local,
         attn_implementation="sdpa" if _supports_sdpa(auto_class, config) else "eager",
+        **(
+            {"quantization_config": quantization_config, "device_map": {"": device}}
+            if quantization_config is not None
+            else {}
+        ),
     )
-    return model.to(device).eval()
+    return (model if quantization_config is not None else model.to(device)).eval()
 
 
 def _supports_sdpa(auto_class, config: PretrainedConfig) -> bool:
@@ -226,8 +239,13 @@ class BaseModel:
         return next(self.model.parameters()).dtype
 
 
-def load_base(located: LocatedModel, dtype: torch.dtype, device: torch.device) -> BaseModel:
-    model = load_model(located, dtype, device)
+def load_base(
+    located: LocatedModel,
+    dtype: torch.dtype,
+    device: torch.device,
+    quantization_config: Any | None = None,
+) -> BaseModel:
+    model = load_model(located, dtype, device, quantization_config)
     return BaseModel(
         model=model,
         tokenizer=load_tokenizer(located),

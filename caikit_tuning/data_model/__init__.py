@@ -5,6 +5,7 @@ Results reuse caikit.interfaces.nlp (GeneratedTextResult, GeneratedTextStreamRes
 TokenizationResults).
 """
 
+from .adapters import AdapterConfig, AdapterType, QuantizationConfig, QuantizationType
 from .generation import DecodingMethod, ExponentialDecayLengthPenalty
 from .training import (
     DataConfig,
@@ -19,6 +20,8 @@ from .training import (
 )
 
 __all__ = [
+    "AdapterConfig",
+    "AdapterType",
     "DataConfig",
     "DecodingMethod",
     "ExponentialDecayLengthPenalty",
@@ -26,6 +29,8 @@ __all__ = [
     "OptimizationConfig",
     "PromptOutputModelType",
     "PromptTuningInitMethod",
+    "QuantizationConfig",
+    "QuantizationType",
     "TrainGenerationRecord",
     "TuningConfig",
     "TuningType",

@@ -15,6 +15,9 @@ from ..base_models.prefix import PromptPrefix, embed_with_prefix
 
 
 def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
+    # A PeftModel forward takes **kwargs and hands them on: ask the model it wraps.
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     return "logits_to_keep" in inspect.signature(model.forward).parameters
 
 

@@ -1,6 +1,7 @@
 """The caikit modules of caikit_tuning, one folder each."""
 
+from .lora import LoraTuning
 from .prompt_tuning import PeftPromptTuning
 from .text_generation import TextGeneration
 
-__all__ = ["PeftPromptTuning", "TextGeneration"]
+__all__ = ["LoraTuning", "PeftPromptTuning", "TextGeneration"]

@@ -156,10 +156,14 @@ def fit(
     prefix: Callable[[Batch | None], PromptPrefix],
     records: list[dict],
     val_records: list[dict],
+    after_step: Callable[[int], None] | None = None,
+    penalty: Callable[[], torch.Tensor] | None = None,
 ) -> TrainingResult:
     """Tokenize the records once and train `params` through the shared loop.
 
-    `prefix(batch)` gives the soft prompts for a batch (None: for generation)."""
+    `prefix(batch)` gives the soft prompts for a batch (None: for generation).
+    `after_step(step)` runs after every optimizer step, before gradients are cleared;
+    `penalty()` is a regularization term added to every step's mean token loss."""
     training = plan.training
     examples, val_examples = (
         build_examples(
@@ -185,11 +189,20 @@ def fit(
     if training.gradient_checkpointing:
         enable({"use_reentrant": False})
     tracker = Tracker({**training.to_config(), "base_model": str(plan.located.source)})
+
+    def loss_fn(batch: Batch) -> torch.Tensor:
+        loss = summed_token_loss(base.model, batch, prefix(batch))
+        if penalty is not None and base.model.training:
+            # The loop divides by the step's target tokens: weighting by this batch's
+            # share adds `penalty` once per optimizer step, and never to validation loss.
+            loss = loss + penalty() * batch.num_target_tokens
+        return loss
+
     try:
         result = train(
             model=base.model,
             params=params,
-            loss_fn=lambda batch: summed_token_loss(base.model, batch, prefix(batch)),
+            loss_fn=loss_fn,
             examples=examples,
             collate=collator_for(
                 base.is_encoder_decoder,
@@ -202,6 +215,7 @@ def fit(
             val_examples=val_examples,
             accuracy_fn=_accuracy(base, plan, prefix, val_records),
             on_log=tracker.log,
+            after_step=after_step,
         )
     except BaseException:
         tracker.finish("FAILED")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import datetime
 import json
 import os
@@ -24,6 +25,7 @@ from ..base_models.paths import resolve_under
 log = alog.use_channel("JOBS")
 
 REQUEST_FILE = "request.pkl"
+STATE_FILE = "state.json"
 CHECKPOINTS_FOLDER = "checkpoints"
 LOG_FILE = "worker.log"
 JOBS_FOLDER = ".jobs"
@@ -85,6 +87,27 @@ class JobRequest:
         parts = [training_id] if self.save_with_id else []
         return self.output_root.joinpath(*parts, self.model_name)
 
+    def job_folder(self, training_id: str) -> Path:
+        return self.output_root / JOBS_FOLDER / training_id
+
+    def write(self, training_id: str) -> Path:
+        """Put the request in the job's folder, where its worker (or a restarted
+        server) reads it."""
+        folder = self.job_folder(training_id)
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / REQUEST_FILE, "wb") as handle:
+            # The server writes this file for its own workers; nothing else reads it.
+            pickle.dump(
+                {
+                    "module": f"{self.module_class.__module__}:{self.module_class.__qualname__}",
+                    "kwargs": self.kwargs,
+                    "save_path": str(self.save_path(training_id)),
+                    "model_name": self.model_name,
+                },
+                handle,
+            )
+        return folder
+
 
 class Job(ModelTrainerFutureBase):
     """A queued or running training job, watched from the server."""
@@ -93,34 +116,104 @@ class Job(ModelTrainerFutureBase):
         self,
         trainer_name: str,
         training_id: str,
-        request: JobRequest,
+        folder: Path,
+        save_path: str,
+        model_name: str,
         on_finish,
         cancel_grace: float,
         python: str,
         max_retries: int = 0,
+        submitted: datetime.datetime | None = None,
     ):
         super().__init__(future_name=trainer_name, future_id=training_id)
+        self.training_id = training_id
+        self.model_name = model_name
         self._max_retries = max_retries
         self._attempt = 0
-        self.request = request
-        self._save_path = str(request.save_path(training_id))
-        self._folder = request.output_root / JOBS_FOLDER / training_id
+        self._save_path = save_path
+        self._folder = folder
         self._on_finish = on_finish
         self._cancel_grace = cancel_grace
         self._python = python
         self._status = TrainingStatus.QUEUED
         self._reason: str | None = None
         self._progress: str | None = None
-        self._submitted = datetime.datetime.now()
+        self._submitted = submitted or datetime.datetime.now()
         self._completed: datetime.datetime | None = None
         self._process: subprocess.Popen | None = None
         self._slot = None
         self._done = threading.Event()
         self._lock = threading.Lock()
 
+    @classmethod
+    def submitted(cls, trainer_name: str, training_id: str, request: JobRequest, **options) -> Job:
+        """A new job: its request written to its folder, its state recorded as QUEUED."""
+        folder = request.write(training_id)
+        job = cls(
+            trainer_name,
+            training_id,
+            folder,
+            str(request.save_path(training_id)),
+            request.model_name,
+            **options,
+        )
+        job._persist()
+        return job
+
+    @classmethod
+    def restore(cls, trainer_name: str, folder: Path, **options) -> Job | None:
+        """A job recorded by an earlier server process (None if its record is unreadable)."""
+        try:
+            state = json.loads((folder / STATE_FILE).read_text())
+            job = cls(
+                trainer_name,
+                state["training_id"],
+                folder,
+                state["save_path"],
+                state["model_name"],
+                submitted=datetime.datetime.fromisoformat(state["submitted"]),
+                **options,
+            )
+            job._status = TrainingStatus[state["status"]]
+            job._reason = state.get("reason")
+            if state.get("completed"):
+                job._completed = datetime.datetime.fromisoformat(state["completed"])
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("ignoring the unreadable job record in %s: %s", folder, err)
+            return None
+        if job._status.is_terminal:
+            job._done.set()
+        return job
+
+    def _persist(self) -> None:
+        """Record the job's state on disk (atomically), so a restarted server knows it."""
+        state = {
+            "training_id": self.training_id,
+            "model_name": self.model_name,
+            "save_path": self._save_path,
+            "status": self._status.name,
+            "reason": self._reason,
+            "submitted": self._submitted.isoformat(),
+            "completed": self._completed.isoformat() if self._completed else None,
+        }
+        temporary = self._folder / f".{STATE_FILE}.tmp"
+        temporary.write_text(json.dumps(state))
+        os.replace(temporary, self._folder / STATE_FILE)
+
     @property
     def save_path(self) -> str:
         return self._save_path
+
+    @property
+    def submission_time(self) -> datetime.datetime:
+        return self._submitted
+
+    def requeue(self, note: str) -> None:
+        """Back to QUEUED (a restored job whose worker died with the old server)."""
+        with self._lock:
+            self._status = TrainingStatus.QUEUED
+            self._progress = note
+            self._persist()
 
     @property
     def pid(self) -> int | None:
@@ -129,19 +222,7 @@ class Job(ModelTrainerFutureBase):
     # ------------------------------------------------------------- lifecycle
 
     def start(self, slot) -> None:
-        """Write the request next to the job and start its worker process on `slot`."""
-        self._folder.mkdir(parents=True, exist_ok=True)
-        with open(self._folder / REQUEST_FILE, "wb") as handle:
-            # The server writes this file for its own worker; nothing else reads it.
-            pickle.dump(
-                {
-                    "module": f"{self.request.module_class.__module__}:{self.request.module_class.__qualname__}",
-                    "kwargs": self.request.kwargs,
-                    "save_path": self._save_path,
-                    "model_name": self.request.model_name,
-                },
-                handle,
-            )
+        """Start the job's worker process on `slot`."""
         self._launch(slot)
 
     def _launch(self, slot) -> None:
@@ -165,10 +246,14 @@ class Job(ModelTrainerFutureBase):
                     stderr=subprocess.STDOUT,
                     pass_fds=(write_end,),
                     start_new_session=True,
+                    # The worker dies with the server: a restarted server re-runs the job
+                    # instead of finding a stray worker still writing its model.
+                    preexec_fn=_die_with_parent,
                 )
             self._slot = slot
             self._attempt += 1
             self._status = TrainingStatus.RUNNING
+            self._persist()
         os.close(write_end)
         log.info("training %s running as pid %d on %s", self.id, self._process.pid, slot)
         threading.Thread(target=self._watch, args=(read_end,), daemon=True).start()
@@ -193,7 +278,7 @@ class Job(ModelTrainerFutureBase):
             if self._status == TrainingStatus.CANCELED:
                 self._finish_locked(TrainingStatus.CANCELED, self._reason)
             elif result and result["event"] == "done" and code == 0:
-                _forget_served_model(self.request.model_name)
+                _forget_served_model(self.model_name)
                 self._finish_locked(TrainingStatus.COMPLETED, None)
             elif result and result["event"] == "error":
                 self._finish_locked(TrainingStatus.ERRORED, result["message"])
@@ -222,6 +307,7 @@ class Job(ModelTrainerFutureBase):
         self._status = status
         self._reason = reason
         self._completed = self._completed or datetime.datetime.now()
+        self._persist()
         self._done.set()
 
     # ------------------------------------------------------------- interface
@@ -230,7 +316,7 @@ class Job(ModelTrainerFutureBase):
         errors = None
         if self._status == TrainingStatus.ERRORED:
             errors = [TrainingFailed(self._reason)]
-        elif self._status == TrainingStatus.RUNNING and self._progress:
+        elif self._status in (TrainingStatus.RUNNING, TrainingStatus.QUEUED) and self._progress:
             errors = [TrainingProgress(self._progress)]
         elif self._status == TrainingStatus.CANCELED and self._reason:
             errors = [TrainingFailed(self._reason)]
@@ -263,6 +349,15 @@ class Job(ModelTrainerFutureBase):
         if self._status != TrainingStatus.COMPLETED:
             raise TrainingFailed(self._reason or f"training {self.id} ended {self._status.name}")
         return caikit.load(self._save_path)
+
+
+def _die_with_parent() -> None:
+    """In the child, before exec: ask Linux to SIGKILL it when the server process dies."""
+    try:
+        libc = ctypes.CDLL("libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass  # not Linux: workers outlive a killed server; a restart then re-runs the job
 
 
 def _forget_served_model(model_id: str) -> None:

@@ -27,17 +27,19 @@ import threading
 import uuid
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aconfig
 import alog
+import caikit
 from caikit.core.exceptions.caikit_core_exception import (
     CaikitCoreException,
     CaikitCoreStatusCode,
 )
 from caikit.core.model_management.model_trainer_base import ModelTrainerBase
 
-from .jobs import Job, JobRequest
+from .jobs import JOBS_FOLDER, Job, JobRequest
 
 log = alog.use_channel("WORKERS")
 
@@ -103,11 +105,36 @@ class WorkerPoolTrainer(ModelTrainerBase):
         self._queue: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
         self._lock = threading.Condition()
+        self._recover()
         self._dispatcher = threading.Thread(
             target=self._dispatch, name="job-dispatcher", daemon=True
         )
         self._dispatcher.start()
         log.info("worker pool with slots %s", self._slots)
+
+    def _job_options(self) -> dict:
+        return {
+            "on_finish": self._release,
+            "cancel_grace": self._cancel_grace,
+            "python": sys.executable,
+            "max_retries": self._max_retries,
+        }
+
+    def _recover(self) -> None:
+        """Pick up the jobs an earlier server process recorded: finished ones keep
+        answering status calls; interrupted ones run again (resuming from their
+        checkpoints, if they save any), in their submission order."""
+        output_dir = caikit.get_config().runtime.get("training", {}).get("output_dir")
+        if not output_dir:
+            return
+        folders = sorted(Path(output_dir, JOBS_FOLDER).glob("*/state.json"))
+        jobs = [Job.restore(self._instance_name, f.parent, **self._job_options()) for f in folders]
+        for job in sorted((j for j in jobs if j is not None), key=lambda j: j.submission_time):
+            self._jobs[job.id] = job
+            if not job.get_info().status.is_terminal:
+                job.requeue("restarted after a server restart")
+                self._queue.append(job)
+                log.info("re-queued interrupted training %s", job.id)
 
     # ------------------------------------------------------------ interface
 
@@ -128,14 +155,11 @@ class WorkerPoolTrainer(ModelTrainerBase):
         except (ValueError, TypeError) as err:
             # Both transports map this to INVALID_ARGUMENT / HTTP 400, with our message.
             raise CaikitCoreException(CaikitCoreStatusCode.INVALID_ARGUMENT, str(err)) from err
-        job = Job(
-            trainer_name=self._instance_name,
-            training_id=external_training_id or str(uuid.uuid4()),
-            request=request,
-            on_finish=self._release,
-            cancel_grace=self._cancel_grace,
-            python=sys.executable,
-            max_retries=self._max_retries,
+        job = Job.submitted(
+            self._instance_name,
+            external_training_id or str(uuid.uuid4()),
+            request,
+            **self._job_options(),
         )
         with self._lock:
             if job.id in self._jobs and not self._jobs[job.id].get_info().status.is_terminal:

@@ -67,6 +67,7 @@ def train(
     val_examples: list[Example] | None = None,
     accuracy_fn: Callable[[], float] | None = None,
     on_log: Callable[[dict], None] | None = None,
+    after_step: Callable[[int], None] | None = None,
 ) -> TrainingResult:
     """Optimize `params` to lower `loss_fn` (a summed token loss) over `examples`.
 
@@ -75,6 +76,7 @@ def train(
     `validation.eval_steps` steps or after every epoch, and may stop training early,
     keeping the best weights. With `checkpoint_steps` and a checkpoint folder (see
     training.checkpoints), the run saves resumable state and resumes from it.
+    `after_step(step)` runs after each optimizer step, before the gradients are cleared.
     """
     params = list(params)
     if not params:
@@ -83,6 +85,7 @@ def train(
     run.val_examples = val_examples or []
     run.accuracy_fn = accuracy_fn
     run.on_log = on_log
+    run.after_step = after_step
     return run.execute()
 
 
@@ -120,6 +123,7 @@ class _Run:
         self.val_examples: list[Example] = []
         self.accuracy_fn = None
         self.on_log = None
+        self.after_step = None
 
     # ----------------------------------------------------------------- loop
 
@@ -204,6 +208,9 @@ class _Run:
         if self.settings.optimization.max_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.params, self.settings.optimization.max_grad_norm)
         self.optimizer.step()
+        if self.after_step is not None:
+            # Before zero_grad: AdaLoRA's rank allocation reads this step's gradients.
+            self.after_step(self.result.steps + 1)
         self.schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.result.steps += 1

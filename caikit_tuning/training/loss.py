@@ -13,6 +13,9 @@ from ..data.batching import Batch
 
 
 def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    # A PeftModel forward takes **kwargs and hands them on: ask the model it wraps.
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     forward = getattr(model, "forward", None)
     return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 

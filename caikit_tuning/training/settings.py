@@ -45,10 +45,11 @@ def _fields_of(config: Any, cls: type, name: str) -> dict[str, Any]:
         unknown = sorted(set(config) - set(valid))
         if unknown:
             raise ValueError(f"`{name}` has unknown field(s) {unknown}; valid fields are {valid}.")
-        values = config
-    else:
-        values = {key: getattr(config, key, None) for key in valid}
-    return {key: value for key, value in values.items() if value is not None}
+        return {key: value for key, value in config.items() if value is not None}
+    # A wire message (proto3) cannot tell an unset field from 0 / "" / false: for
+    # these config messages every such value means "use the default".
+    values = {key: getattr(config, key, None) for key in valid}
+    return {key: value for key, value in values.items() if value not in (None, 0, "", False, [])}
 
 
 @dataclass(frozen=True)

@@ -43,7 +43,15 @@ def test_train_throughput_benchmark_smoke(tmp_path):
 
 def run_benchmark(script, tmp_path, *args):
     out = subprocess.run(
-        [sys.executable, f"benchmarks/{script}", "--model", "tiny", "--results-dir", str(tmp_path), *args],
+        [
+            sys.executable,
+            f"benchmarks/{script}",
+            "--model",
+            "tiny",
+            "--results-dir",
+            str(tmp_path),
+            *args,
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,
@@ -54,11 +62,15 @@ def run_benchmark(script, tmp_path, *args):
 
 
 def test_serving_benchmark_smoke(tmp_path):
-    summary = run_benchmark("serving_batching.py", tmp_path, "--requests", "16", "--models", "5", "--new-tokens", "4")
+    summary = run_benchmark(
+        "serving_batching.py", tmp_path, "--requests", "16", "--models", "5", "--new-tokens", "4"
+    )
     assert summary["sequential"]["errors"] == summary["concurrent"]["errors"] == 0
     assert summary["throughput_ratio"] > 0 and summary["memory_ratio"] > 0
 
 
 def test_generation_speed_benchmark_smoke(tmp_path):
-    summary = run_benchmark("generation_speed.py", tmp_path, "--repeats", "1", "--max-new-tokens", "4")
+    summary = run_benchmark(
+        "generation_speed.py", tmp_path, "--repeats", "1", "--max-new-tokens", "4"
+    )
     assert summary["texts_identical"]

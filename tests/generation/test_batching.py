@@ -5,8 +5,7 @@ import threading
 import time
 
 import pytest
-import torch
-from caikit.core.data_model import DataStream, ProducerId
+from caikit.core.data_model import DataStream
 from caikit.interfaces.nlp.data_model import FinishReason
 
 from caikit_tuning import PeftPromptTuning, TextGeneration, TrainGenerationRecord, TuningConfig
@@ -15,7 +14,12 @@ from caikit_tuning.generation import GenerationSettings
 from caikit_tuning.generation.batching import BatchingEngine, QueueFull, engine_for
 from caikit_tuning.generation.stream import prepare_prompt, stream_generation
 
-PROMPTS = ["the film is", "a long and winding story about nothing at all, really", "why", "it was a dark night"]
+PROMPTS = [
+    "the film is",
+    "a long and winding story about nothing at all, really",
+    "why",
+    "it was a dark night",
+]
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +30,11 @@ def prompt_models(base_models_dir, tmp_path_factory):
     for seed, label in ((1, "positive"), (2, "negative")):
         rows = [TrainGenerationRecord(input="a film", output=label)] * 8
         model = PeftPromptTuning.train(
-            "tiny-llama", DataStream.from_iterable(rows), TuningConfig(num_virtual_tokens=3 + seed), num_epochs=2, seed=seed
+            "tiny-llama",
+            DataStream.from_iterable(rows),
+            TuningConfig(num_virtual_tokens=3 + seed),
+            num_epochs=2,
+            seed=seed,
         )
         model.save(str(folder / label))
         paths.append(folder / label)
@@ -36,8 +44,15 @@ def prompt_models(base_models_dir, tmp_path_factory):
 def unbatched(model, text, **values):
     settings = GenerationSettings.from_request(**values)
     generator = model.generator
-    prompt = prepare_prompt(generator.model, generator.tokenizer, model.model_input(text), generator.prefix, settings)
-    return "".join(e.text for e in stream_generation(generator.model, generator.tokenizer, prompt, generator.prefix, settings))
+    prompt = prepare_prompt(
+        generator.model, generator.tokenizer, model.model_input(text), generator.prefix, settings
+    )
+    return "".join(
+        e.text
+        for e in stream_generation(
+            generator.model, generator.tokenizer, prompt, generator.prefix, settings
+        )
+    )
 
 
 def run_concurrently(calls):
@@ -65,7 +80,11 @@ def test_greedy_batched_equals_unbatched_across_prompt_models(prompt_models):
     calls, expected = [], []
     for model in prompt_models:
         for text in PROMPTS:
-            calls.append(lambda m=model, t=text: m.run(t, max_new_tokens=12, min_new_tokens=12).generated_text)
+            calls.append(
+                lambda m=model, t=text: (
+                    m.run(t, max_new_tokens=12, min_new_tokens=12).generated_text
+                )
+            )
             expected.append(unbatched(model, text, max_new_tokens=12, min_new_tokens=12))
     before = engine.max_rows_seen
     assert run_concurrently(calls) == expected
@@ -77,17 +96,28 @@ def test_per_request_parameters_inside_one_batch(prompt_models):
     free = unbatched(model, "the film is", max_new_tokens=10, min_new_tokens=10)
     stop = free[3:6]
     calls = [
-        lambda: model.run("the film is", max_new_tokens=10, min_new_tokens=10, stop_sequences=[stop]),
+        lambda: model.run(
+            "the film is", max_new_tokens=10, min_new_tokens=10, stop_sequences=[stop]
+        ),
         lambda: model.run("the film is", max_new_tokens=3, min_new_tokens=3),
-        lambda: model.run("the film is", decoding_method="SAMPLING", seed=7, max_new_tokens=10, min_new_tokens=10),
+        lambda: model.run(
+            "the film is", decoding_method="SAMPLING", seed=7, max_new_tokens=10, min_new_tokens=10
+        ),
         lambda: prompt_models[1].run("why", max_new_tokens=10, min_new_tokens=10),
     ]
     stopped, short, sampled, other = run_concurrently(calls)
-    assert stopped.finish_reason == FinishReason.STOP_SEQUENCE and stopped.generated_text == free[: free.index(stop)]
+    assert (
+        stopped.finish_reason == FinishReason.STOP_SEQUENCE
+        and stopped.generated_text == free[: free.index(stop)]
+    )
     assert short.generated_tokens == 3 and short.finish_reason == FinishReason.MAX_TOKENS
-    again = model.run("the film is", decoding_method="SAMPLING", seed=7, max_new_tokens=10, min_new_tokens=10)
+    again = model.run(
+        "the film is", decoding_method="SAMPLING", seed=7, max_new_tokens=10, min_new_tokens=10
+    )
     assert sampled.generated_text == again.generated_text
-    assert other.generated_text == unbatched(prompt_models[1], "why", max_new_tokens=10, min_new_tokens=10)
+    assert other.generated_text == unbatched(
+        prompt_models[1], "why", max_new_tokens=10, min_new_tokens=10
+    )
 
 
 def test_a_short_request_does_not_wait_for_a_long_one(prompt_models):

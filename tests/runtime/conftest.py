@@ -65,6 +65,7 @@ class Runtime:
     def start(self, timeout: float = 90) -> "Runtime":
         env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
         env.pop("CONFIG_FILES", None)
+        offset = self.log_file.stat().st_size if self.log_file.exists() else 0
         with open(self.log_file, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "caikit_tuning.runtime", "--config", str(self.config_file)],
@@ -77,10 +78,15 @@ class Runtime:
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"server exited:\n{self.log_file.read_text()[-3000:]}")
-            if "runtime ready" in self.log_file.read_text(errors="replace"):
+            if "runtime ready" in self.log_file.read_text(errors="replace")[offset:]:
                 return self
             time.sleep(0.2)
         raise TimeoutError(f"server not ready:\n{self.log_file.read_text()[-3000:]}")
+
+    def kill(self) -> None:
+        """SIGKILL: the server dies without any chance to clean up."""
+        self.process.kill()
+        self.process.wait()
 
     def stop(self) -> None:
         if self.process and self.process.poll() is None:

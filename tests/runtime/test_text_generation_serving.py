@@ -45,3 +45,18 @@ def test_fine_tuning_job_over_grpc(runtime, client):
     assert (runtime.models / "tiny-finetuned" / "model" / "model.safetensors").is_file()
     result = client.generate("tiny-finetuned", "a wonderful, moving film", max_new_tokens=3)
     assert result["generated_tokens"] >= 1
+
+
+def test_lora_job_over_grpc_then_serve(runtime, client):
+    job = client.train(
+        "LoraTuning",
+        "tiny-lora",
+        "tiny-llama",
+        records=RECORDS,
+        num_epochs=2,
+        adapter_config={"adapter_type": "LORA", "r": 4},
+    )
+    assert client.wait(job, poll_seconds=0.3, timeout=120)["state"] == "COMPLETED"
+    assert (runtime.models / "tiny-lora" / "adapter").is_dir()
+    result = client.generate("tiny-lora", "a wonderful, moving film", max_new_tokens=3)
+    assert result["generated_tokens"] >= 1

@@ -41,19 +41,40 @@ def free_port():
 
 
 def test_two_gloo_processes_match_one_process(base_models_dir, tmp_path):
-    single = subprocess.run([sys.executable, "-c", RUN, str(base_models_dir), str(tmp_path / "one.json"), "2"], capture_output=True, text=True)
+    single = subprocess.run(
+        [sys.executable, "-c", RUN, str(base_models_dir), str(tmp_path / "one.json"), "2"],
+        capture_output=True,
+        text=True,
+    )
     assert single.returncode == 0, single.stderr[-2000:]
     port = str(free_port())
     procs = []
     for rank in range(2):
-        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": port}
-        procs.append(subprocess.Popen([sys.executable, "-c", RUN, str(base_models_dir), str(tmp_path / "two.json"), "1"], env=env, stderr=subprocess.PIPE, text=True))
+        env = {
+            **os.environ,
+            "RANK": str(rank),
+            "LOCAL_RANK": str(rank),
+            "WORLD_SIZE": "2",
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": port,
+        }
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", RUN, str(base_models_dir), str(tmp_path / "two.json"), "1"],
+                env=env,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     for proc in procs:
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err[-2000:]
     one = json.loads((tmp_path / "one.json").read_text())
     two = json.loads((tmp_path / "two.json").read_text())
-    assert two["world"] == 2 and two["config"]["global_batch_size"] == one["config"]["global_batch_size"] == 8
+    assert (
+        two["world"] == 2
+        and two["config"]["global_batch_size"] == one["config"]["global_batch_size"] == 8
+    )
     assert two["config"]["steps"] == one["config"]["steps"] == 10
     assert two["losses"] == pytest.approx(one["losses"], rel=1e-4, abs=1e-5)
     flat_one = [v for row in one["prompt"] for v in row]

@@ -41,7 +41,9 @@ def _tuning_config_dict(tuning_config: Any) -> dict[str, Any]:
     if tuning_config is None:
         raise ValueError("`tuning_config` is required; give at least `num_virtual_tokens`.")
     if isinstance(tuning_config, TuningConfig):
-        return {name: getattr(tuning_config, name) for name in _TUNING_CONFIG_FIELDS}
+        # A wire message (proto3) cannot tell an unset field from 0 / "" / []: unset.
+        values = {name: getattr(tuning_config, name) for name in _TUNING_CONFIG_FIELDS}
+        return {name: value for name, value in values.items() if value not in (None, 0, "", [])}
     if isinstance(tuning_config, dict):
         unknown = sorted(set(tuning_config) - set(_TUNING_CONFIG_FIELDS))
         if unknown:

@@ -1,0 +1,374 @@
+"""LoraTuning: train a weight adapter (LoRA, AdaLoRA, IA3) on a frozen base model."""
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import alog
+from caikit.core import ModuleBase, module
+from caikit.core.data_model import DataStream, ProducerId
+from caikit.core.modules import ModuleLoader, ModuleSaver
+from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
+from peft import PeftModel, get_peft_model
+
+from ...base_models import (
+    BaseModel,
+    BaseModelSource,
+    LocatedModel,
+    atomic_folder,
+    load_base,
+    locate_base_model,
+    read_jsonl,
+)
+from ...data import Verbalizer
+from ...data_model import DataConfig, OptimizationConfig, TrainGenerationRecord, ValidationConfig
+from ...data_model.adapters import AdapterConfig, AdapterType, QuantizationConfig
+from ...generation import TextGenerator, generation_api
+from ...training import TrainingSettings, seed_everything
+from ..recipe import (
+    TRAINING_LOGS,
+    TrainingPlan,
+    after_save,
+    bind_arguments,
+    placement,
+    plan_training,
+    read_records,
+    trained_on_chat,
+    training_summary,
+    training_values,
+    write_training_artifacts,
+)
+from .adapter_files import (
+    ADAPTER_FOLDER,
+    inside,
+    load_adapter,
+    locate_adapter,
+    read_adapter_config,
+    save_adapter,
+)
+from .quantization import QuantizationSettings, check_quantization_possible, load_quantized_base
+from .settings import AdapterSettings, peft_config, requested_fields
+from .step_hooks import NO_HOOKS, StepHooks, adalora_hooks, fit_adapter
+from .targets import check_targets, model_skeleton, resolve_targets
+
+log = alog.use_channel("LORA")
+
+# A merged model is a standard Hugging Face model folder inside the model folder.
+WEIGHTS_FOLDER = "model"
+PRETRAINED = "pretrained_adapter_weights"
+
+
+@dataclass(frozen=True)
+class AdapterPlan:
+    """What a train() call decides about the adapter before loading anything."""
+
+    # Targets resolved against the model; AdaLoRA's total_step may wait for the records.
+    settings: AdapterSettings
+    pretrained: Path | None
+    quantization: QuantizationSettings | None
+    merge: bool
+
+
+@module(
+    id="b8e4f0d2-5c61-4a9e-8f3b-2d7a90c1e6f4",
+    name="LoRA tuning",
+    version="0.1.0",
+    tasks=[TextGenerationTask, TokenizationTask],
+)
+@generation_api
+class LoraTuning(ModuleBase):
+    """A frozen base model with a trained weight adapter, or with the adapter merged in."""
+
+    def __init__(
+        self,
+        base: BaseModel,
+        adapter: Optional[PeftModel],
+        verbalizer: Verbalizer,
+        settings: AdapterSettings,
+        training_config: dict,
+        training_logs: list[dict],
+        chat: bool = False,
+    ):
+        super().__init__()
+        # base.model generates: the base model with the adapter's layers wrapped in place
+        # (adapter.get_base_model()), or with the adapter merged in (adapter is None).
+        self.base = base
+        self.adapter = adapter
+        self.verbalizer = verbalizer
+        self.settings = settings
+        self.training_config = training_config
+        self.training_logs = training_logs
+        self.chat = chat
+        self.generator = TextGenerator(
+            base.model, base.tokenizer, ProducerId(self.MODULE_NAME, self.MODULE_VERSION), chat=chat
+        )
+
+    @property
+    def merged(self) -> bool:
+        return self.adapter is None
+
+    # ---------------------------------------------------------------- training
+
+    @classmethod
+    def train(
+        cls,
+        base_model: str,
+        train_stream: DataStream[TrainGenerationRecord],
+        val_stream: Optional[DataStream[TrainGenerationRecord]] = None,
+        device: Optional[str] = None,
+        num_epochs: Optional[int] = 3,
+        learning_rate: Optional[float] = 2e-4,
+        verbalizer: Optional[str] = "{{input}}",
+        batch_size: Optional[int] = 8,
+        max_source_length: Optional[int] = 256,
+        max_target_length: Optional[int] = 128,
+        accumulate_steps: Optional[int] = 1,
+        torch_dtype: Optional[str] = None,
+        silence_progress_bars: Optional[bool] = True,
+        seed: Optional[int] = 42,
+        gradient_checkpointing: Optional[bool] = False,
+        validation: Optional[ValidationConfig] = None,
+        optimization: Optional[OptimizationConfig] = None,
+        data: Optional[DataConfig] = None,
+        checkpoint_steps: Optional[int] = None,
+        adapter_config: Optional[AdapterConfig] = None,
+        merge_adapter_into_base_model: Optional[bool] = False,
+        pretrained_adapter_weights: Optional[str] = None,
+        quantization: Optional[QuantizationConfig] = None,
+    ) -> "LoraTuning":
+        """Train a weight adapter for `base_model` on input/output records.
+
+        Args:
+            base_model: a name under `base_models_dir` or, in-process, a model folder.
+            train_stream: TrainGenerationRecord records (`input`, `output`).
+            val_stream: records whose loss is logged after every epoch.
+            device: "cpu", "cuda", ...; default: a GPU when there is one.
+            num_epochs: passes over the training records. Default 3.
+            learning_rate: AdamW learning rate, decayed linearly to 0. Default 2e-4.
+            verbalizer: template that turns a record into the model's input; applied at
+                inference too. Default "{{input}}".
+            batch_size: records per micro-batch. Default 8.
+            max_source_length: longest input in tokens; longer ones lose their start. Default 256.
+            max_target_length: longest output in tokens, EOS included. Default 128.
+            accumulate_steps: micro-batches per optimizer step. Default 1.
+            torch_dtype: weight dtype (float32, bfloat16, float16); default float32 on CPU,
+                bf16/fp16 on GPUs.
+            silence_progress_bars: hide the progress bar. Default True.
+            seed: seeds the adapter initialisation and the data order. Default 42.
+            gradient_checkpointing: recompute activations to save memory. Default False.
+            validation: split_ratio / split_seed (a validation set cut from the training
+                records), eval_steps (default: every epoch), accuracy_examples (greedy
+                exact-match on that many records), early_stopping_patience / _min_delta.
+            optimization: total_train_batch_size / max_per_device_train_batch_size (derive
+                batch and accumulation), lr_scaling (none, sqrt, linear), lr_scheduler
+                (linear, cosine, constant), warmup_steps / warmup_ratio, weight_decay,
+                max_grad_norm.
+            data: chat_loss for chat records: last_assistant (default), assistant, all.
+            checkpoint_steps: save resumable state every N steps into the job's folder.
+            adapter_config: adapter_type (LORA, ADALORA, IA3) and that type's fields; default
+                LoRA of rank 8 on the attention query/value projections found in the model.
+            merge_adapter_into_base_model: save the base model with the adapter merged in
+                (a standard model folder) instead of the adapter alone. Default False.
+            pretrained_adapter_weights: continue training a saved adapter (a name under
+                `base_models_dir` or, in-process, a folder); it keeps its own settings, so
+                leave adapter_config unset. An AdaLoRA adapter keeps its allocated ranks.
+            quantization: load the frozen base model in 4 or 8 bits (QLoRA; needs a CUDA
+                GPU and bitsandbytes): bits, quant_type (NF4, FP4), double_quant,
+                compute_dtype. Default: no quantization.
+        Returns:
+            the trained LoraTuning model.
+        """
+        plan, adapter = _plan(locals())
+        records, val_records = read_records(train_stream, val_stream, plan)
+        seed_everything(plan.training.seed)
+        base = _load_base(plan, adapter.quantization)
+        peft_model, settings = _attach(base, adapter, _total_steps(plan.training, len(records)))
+        # Train (and generate) through the inner model: its layers carry the adapter, and
+        # its forward takes logits_to_keep, which PeftModel's **kwargs forward hides.
+        tuned = dataclasses.replace(base, model=peft_model.get_base_model())
+        params = [p for p in peft_model.parameters() if p.requires_grad]
+        hooks = _step_hooks(peft_model, adapter)
+        result = fit_adapter(tuned, plan, params, records, val_records, hooks)
+        log.info(
+            "trained %d steps in %.1fs, final loss %s",
+            result.steps,
+            result.seconds,
+            result.final_loss,
+        )
+        for param in params:
+            param.requires_grad_(False)
+        if adapter.merge:
+            tuned.model, peft_model = peft_model.merge_and_unload(), None
+        summary = {
+            **training_summary(plan, result, len(records)),
+            PRETRAINED: str(adapter.pretrained) if adapter.pretrained else None,
+            "quantization": adapter.quantization.to_config() if adapter.quantization else None,
+        }
+        return cls(
+            tuned,
+            peft_model,
+            plan.verbalizer,
+            settings,
+            summary,
+            result.logs,
+            chat=trained_on_chat(records),
+        )
+
+    @classmethod
+    def validate_training(cls, arguments: dict) -> None:
+        """Check a train() call's arguments without training: the runtime calls this
+        at submission so a bad request fails at once, before a job starts."""
+        values = bind_arguments(cls.train, arguments)
+        plan, _ = _plan(values)
+        read_records(values["train_stream"], values["val_stream"], plan)
+
+    def model_input(self, text: str) -> str:
+        """The model sees `text` through the verbalizer it was trained with."""
+        if not isinstance(text, str):
+            raise TypeError(f"`text` must be a string, got {type(text).__name__}.")
+        return text if self.chat else self.verbalizer.render_request(text)
+
+    # ------------------------------------------------------------ save / load
+
+    def save(self, model_path: str) -> None:
+        """Write config.yml, training_logs.jsonl and training_curve.png, and either the
+        PEFT adapter in `adapter/` (the base model is recorded by name, not copied) or
+        the merged model with its tokenizer in `model/`. Atomic."""
+        source = self.base.source
+        with atomic_folder(model_path) as staging:
+            config = {
+                "is_encoder_decoder": self.base.is_encoder_decoder,
+                "verbalizer": self.verbalizer.template,
+                "chat": self.chat,
+                "adapter_config": self.settings.to_config(),
+                "training": self.training_config,
+            }
+            if self.merged:
+                self.base.model.save_pretrained(staging / WEIGHTS_FOLDER, safe_serialization=True)
+                self.base.tokenizer.save_pretrained(staging / WEIGHTS_FOLDER)
+                config.update(weights=WEIGHTS_FOLDER, trained_from=source.to_config())
+            else:
+                save_adapter(self.adapter, staging / ADAPTER_FOLDER, str(source))
+                config.update(adapter=ADAPTER_FOLDER, base_model=source.to_config())
+            write_training_artifacts(staging, self.training_logs, source.name or "model")
+            saver = ModuleSaver(self, model_path=str(staging))
+            with saver:
+                saver.update_config(config)
+        after_save(self.training_config, model_path)
+
+    @classmethod
+    def load(
+        cls,
+        model_path,
+        device: Optional[str] = None,
+        torch_dtype: Optional[str] = None,
+    ) -> "LoraTuning":
+        """Load a saved model: the merged weights, or its base model (found by name or
+        folder) with the saved adapter attached."""
+        loader = ModuleLoader(model_path)
+        config = loader.config
+        folder = Path(loader.model_path)
+        device_, dtype = placement(device, torch_dtype)
+        adapter = None
+        if config.get("weights"):
+            weights = str(inside(folder, config.weights, "weights"))
+            base = load_base(
+                LocatedModel(BaseModelSource(path=weights), weights, local=True), dtype, device_
+            )
+            # Report where the weights came from, not the copy inside this folder.
+            base.source = BaseModelSource.from_config(dict(config.trained_from))
+        else:
+            try:
+                located = locate_base_model(BaseModelSource.from_config(dict(config.base_model)))
+            except ValueError as err:
+                raise ValueError(f"cannot load the LoRA model at {folder}: {err}") from err
+            base = load_base(located, dtype, device_)
+            adapter_folder = inside(folder, config.adapter, "its adapter")
+            adapter, _ = load_adapter(base.model, adapter_folder, False, "the saved adapter")
+            base.model = adapter.get_base_model()
+        return cls(
+            base,
+            adapter,
+            Verbalizer.parse(config.verbalizer),
+            AdapterSettings.from_config(dict(config.adapter_config)),
+            dict(config.get("training") or {}),
+            read_jsonl(folder / TRAINING_LOGS),
+            chat=bool(config.get("chat", False)),
+        )
+
+
+def _plan(arguments: dict) -> tuple[TrainingPlan, AdapterPlan]:
+    """Validate a train() call's arguments: the shared plan and the adapter's, checked
+    against the model's architecture (built on the meta device, without weights)."""
+    plan = plan_training(
+        arguments["base_model"],
+        arguments["device"],
+        arguments["verbalizer"],
+        arguments["torch_dtype"],
+        **training_values(arguments),
+    )
+    merge = arguments["merge_adapter_into_base_model"] or False
+    if not isinstance(merge, bool):
+        raise TypeError(f"`merge_adapter_into_base_model` must be true or false, got {merge!r}.")
+    quantization = _quantization(arguments["quantization"], merge, plan)
+    skeleton = model_skeleton(plan.located)
+    if not arguments[PRETRAINED]:
+        settings = AdapterSettings.from_request(arguments["adapter_config"])
+        return plan, AdapterPlan(resolve_targets(settings, skeleton), None, quantization, merge)
+    if requested_fields(arguments["adapter_config"]):
+        raise ValueError(
+            f"give `adapter_config` or `{PRETRAINED}`, not both: a pretrained adapter keeps "
+            "the settings it was trained with."
+        )
+    folder = locate_adapter(arguments[PRETRAINED], PRETRAINED)
+    settings = AdapterSettings.from_peft_config(read_adapter_config(folder, PRETRAINED), PRETRAINED)
+    check_targets(skeleton, settings.target_modules, "target_modules")
+    return plan, AdapterPlan(settings, folder, quantization, merge)
+
+
+def _quantization(request, merge: bool, plan: TrainingPlan) -> Optional[QuantizationSettings]:
+    quantization = QuantizationSettings.from_request(request)
+    if quantization is None:
+        return None
+    if merge:
+        raise ValueError(
+            "`merge_adapter_into_base_model` cannot merge into a quantized base model (the "
+            "merged weights would be rounded to 4/8 bits); save the adapter, then merge it "
+            "into the full-precision base model."
+        )
+    check_quantization_possible(plan.device)
+    return quantization
+
+
+def _load_base(plan: TrainingPlan, quantization: Optional[QuantizationSettings]) -> BaseModel:
+    if quantization is None:
+        return load_base(plan.located, plan.dtype, plan.device)
+    return load_quantized_base(plan.located, quantization, plan.device)
+
+
+def _total_steps(training: TrainingSettings, num_records: int) -> int:
+    """The loop's optimizer steps: micro-batches per epoch in accumulation windows."""
+    batches = math.ceil(num_records / training.micro_batch_size)
+    return math.ceil(batches / training.accumulation) * training.num_epochs
+
+
+def _attach(
+    base: BaseModel, adapter: AdapterPlan, total_steps: int
+) -> tuple[PeftModel, AdapterSettings]:
+    """Wrap the base model's target layers with a new (or the pretrained) adapter; only
+    the adapter's weights require gradients."""
+    if adapter.pretrained is not None:
+        peft_model, _ = load_adapter(base.model, adapter.pretrained, True, f"`{PRETRAINED}`")
+        return peft_model, adapter.settings
+    settings = adapter.settings.with_total_step(total_steps)
+    return get_peft_model(base.model, peft_config(settings, base.is_encoder_decoder)), settings
+
+
+def _step_hooks(peft_model: PeftModel, adapter: AdapterPlan) -> StepHooks:
+    if adapter.settings.adapter_type != AdapterType.ADALORA:
+        return NO_HOOKS
+    # A continued AdaLoRA adapter keeps the ranks it was given: its saved schedule
+    # belongs to the run that trained it.
+    return adalora_hooks(peft_model, reallocate=adapter.pretrained is None)
