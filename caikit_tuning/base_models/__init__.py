@@ -12,6 +12,7 @@ from .loading import (
     load_model_config,
     load_tokenizer,
     locate_base_model,
+    trust_remote_code,
 )
 from .paths import resolve_under
 from .prefix import NO_PREFIX, PromptPrefix, embed_with_prefix
@@ -35,5 +36,6 @@ __all__ = [
     "locate_base_model",
     "read_jsonl",
     "resolve_under",
+    "trust_remote_code",
     "write_jsonl",
 ]

@@ -125,9 +125,14 @@ def _locate_name(name: str, field: str) -> LocatedModel:
     )
 
 
+def trust_remote_code() -> bool:
+    """Only an explicit `trust_remote_code: true` in the config runs a model's own code."""
+    return _library_config().get("trust_remote_code") is True
+
+
 def load_model_config(located: LocatedModel) -> PretrainedConfig:
     return AutoConfig.from_pretrained(
-        located.location, trust_remote_code=False, local_files_only=located.local
+        located.location, trust_remote_code=trust_remote_code(), local_files_only=located.local
     )
 
 
@@ -159,7 +164,7 @@ def hidden_size(config: PretrainedConfig) -> int:
 
 def load_tokenizer(located: LocatedModel) -> PreTrainedTokenizerBase:
     tokenizer = AutoTokenizer.from_pretrained(
-        located.location, trust_remote_code=False, local_files_only=located.local
+        located.location, trust_remote_code=trust_remote_code(), local_files_only=located.local
     )
     if tokenizer.pad_token_id is None:
         strategy = str(_library_config().get("missing_pad_token") or "eos").lower()
@@ -204,7 +209,7 @@ def load_model(
         located.location,
         dtype=dtype,
         use_safetensors=True,
-        trust_remote_code=False,
+        trust_remote_code=trust_remote_code(),
         local_files_only=located.local,
         attn_implementation="sdpa" if _supports_sdpa(auto_class, config) else "eager",
         **(

@@ -25,7 +25,7 @@ from .settings import GenerationSettings
 
 def run(
     self,
-    text: str,
+    text: str = "",
     max_new_tokens: Optional[int] = 20,
     min_new_tokens: Optional[int] = 0,
     truncate_input_tokens: Optional[int] = 0,
@@ -49,7 +49,8 @@ def run(
     """Generate a continuation of `text`.
 
     Args:
-        text: the input (for tuned models it fills the verbalizer's {{input}}).
+        text: the input (for tuned models it fills the verbalizer's {{input}}); may be
+            empty (the wire cannot tell an empty string from a missing one).
         max_new_tokens: most tokens to generate. Default 20.
         min_new_tokens: EOS is suppressed until this many tokens exist. Default 0.
         truncate_input_tokens: keep only the last N input tokens (0: keep all).
@@ -78,7 +79,7 @@ def run(
 
 def run_stream_out(
     self,
-    text: str,
+    text: str = "",
     max_new_tokens: Optional[int] = 20,
     min_new_tokens: Optional[int] = 0,
     truncate_input_tokens: Optional[int] = 0,

@@ -11,6 +11,7 @@ print(client.generate("my-model", "A fine film.")["generated_text"])
 from __future__ import annotations
 
 import json
+import ssl
 import time
 import urllib.error
 import urllib.request
@@ -42,8 +43,15 @@ class TuningClient:
         grpc_target: str = "localhost:8085",
         http_url: str = "http://localhost:8080",
         channel: grpc.Channel | None = None,
+        ca_certificate: bytes | None = None,
     ):
+        """`ca_certificate` (PEM) switches both transports to TLS, trusting that CA."""
         self.http_url = http_url.rstrip("/")
+        self._ssl = None
+        if ca_certificate is not None:
+            self._ssl = ssl.create_default_context(cadata=ca_certificate.decode())
+            credentials = grpc.ssl_channel_credentials(root_certificates=ca_certificate)
+            channel = channel or grpc.secure_channel(grpc_target, credentials)
         self.channel = channel or grpc.insecure_channel(grpc_target)
         factory = ServicePackageFactory
         self._training = factory.get_service_package(factory.ServiceType.TRAINING)
@@ -150,7 +158,7 @@ class TuningClient:
             "/api/v1/task/server-streaming-text-generation", self._body(model_id, text, parameters)
         )
         try:
-            with urllib.request.urlopen(request) as response:
+            with urllib.request.urlopen(request, context=self._ssl) as response:
                 event = None
                 for raw in response:
                     line = raw.decode("utf-8").rstrip("\r\n")
@@ -213,7 +221,7 @@ class TuningClient:
 
     def _post(self, path: str, body: dict) -> dict:
         try:
-            with urllib.request.urlopen(self._request(path, body)) as response:
+            with urllib.request.urlopen(self._request(path, body), context=self._ssl) as response:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
             raise _http_error(err) from err

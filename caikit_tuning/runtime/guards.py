@@ -8,6 +8,7 @@ so every transport (gRPC, HTTP) gets the same check and an INVALID_ARGUMENT erro
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import caikit
@@ -91,3 +92,52 @@ def install() -> None:
     ModelManager.load_model = skip_hidden
     FilePluginBase._get_resolved_source_path = staticmethod(resolve_data_file)
     FilePluginBase._create_data_stream_from_file = classmethod(read_data_file)
+
+
+class Utf8BodyGuard:
+    """ASGI middleware: a request body that is not UTF-8 gets HTTP 400 with the reason
+    (caikit's HTTP server would answer 500), and never reaches the handlers."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
+            return await self.app(scope, receive, send)
+        chunks, more = [], True
+        while more:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return None
+            chunks.append(message.get("body", b""))
+            more = message.get("more_body", False)
+        body = b"".join(chunks)
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as err:
+            return await _reject(send, f"the request body is not valid UTF-8 (byte {err.start}).")
+        replayed = False
+
+        async def replay():
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        return await self.app(scope, replay, send)
+
+
+async def _reject(send, details: str) -> None:
+    payload = json.dumps({"details": details, "code": 400}).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 400,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(payload)).encode()),
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": payload})

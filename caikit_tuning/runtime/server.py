@@ -96,6 +96,7 @@ def serve(config_file: str | None = None, host: str | None = None) -> None:
 
         http_server = RuntimeHTTPServer()
         http_server.server.config.host = host
+        http_server.app.add_middleware(guards.Utf8BodyGuard)
         http_server.start(blocking=False)
         servers.append(http_server)
         log.info("HTTP listening on %s:%s", host, config.runtime.http.port)

@@ -23,7 +23,14 @@ def free_port() -> int:
 class Runtime:
     """One server process and the folders it uses."""
 
-    def __init__(self, root: Path, base_models_dir: Path, trainer: dict | None = None):
+    def __init__(
+        self,
+        root: Path,
+        base_models_dir: Path,
+        trainer: dict | None = None,
+        extra: dict | None = None,
+        ca_certificate: bytes | None = None,
+    ):
         self.root = root
         self.models = root / "served"
         self.data = root / "data"
@@ -57,6 +64,8 @@ class Runtime:
                 }
             },
         }
+        _merge(config, extra or {})
+        self.ca_certificate = ca_certificate
         self.config_file = root / "runtime_config.yaml"
         self.config_file.write_text(yaml.safe_dump(config))
         self.log_file = root / "server.log"
@@ -99,7 +108,20 @@ class Runtime:
 
     @property
     def client(self) -> TuningClient:
-        return TuningClient(f"127.0.0.1:{self.grpc_port}", f"http://127.0.0.1:{self.http_port}")
+        scheme = "https" if self.ca_certificate else "http"
+        return TuningClient(
+            f"localhost:{self.grpc_port}",
+            f"{scheme}://localhost:{self.http_port}",
+            ca_certificate=self.ca_certificate,
+        )
+
+
+def _merge(base: dict, extra: dict) -> None:
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(base.get(key), dict):
+            _merge(base[key], value)
+        else:
+            base[key] = value
 
 
 @pytest.fixture(scope="session")

@@ -22,6 +22,7 @@ from ...base_models import (
     is_encoder_decoder,
     load_model_config,
     load_tokenizer,
+    trust_remote_code,
 )
 from ...data_model.adapters import QuantizationConfig, QuantizationType
 from ..prompt_tuning.settings import parse_enum
@@ -159,7 +160,7 @@ def load_quantized_base(
         # Quantized weights cannot be moved after loading: place them while loading.
         device_map={"": device.index or 0},
         use_safetensors=True,
-        trust_remote_code=False,
+        trust_remote_code=trust_remote_code(),
         local_files_only=located.local,
     )
     # Casts norms to float32 and lets gradients reach the adapters through frozen

@@ -16,7 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM, PreTrainedModel
 from transformers.pytorch_utils import Conv1D
 
-from ...base_models import LocatedModel, is_encoder_decoder, load_model_config
+from ...base_models import LocatedModel, is_encoder_decoder, load_model_config, trust_remote_code
 from ...data_model.adapters import AdapterType
 from .settings import FIELD, AdapterSettings
 
@@ -36,7 +36,7 @@ def model_skeleton(located: LocatedModel) -> PreTrainedModel:
     config = load_model_config(located)
     auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
     with torch.device("meta"):
-        return auto_class.from_config(config, trust_remote_code=False)
+        return auto_class.from_config(config, trust_remote_code=trust_remote_code())
 
 
 def _linear_shape(module: torch.nn.Module) -> tuple[int, int] | None:
