@@ -109,6 +109,7 @@ def run_project(config: dict) -> dict:
         max_target_length=8,
         seed=config["seed"],
         silence_progress_bars=True,
+        torch_dtype=config["torch_dtype"],
     )
     train_call = time.perf_counter() - started
     rss = peak_rss_mb()  # before the evaluation below loads a second copy of the model
@@ -359,6 +360,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-rows", type=int, default=100)
+    parser.add_argument(
+        "--torch-dtype",
+        default=None,
+        help='caikit_tuning\'s torch_dtype: unset = bf16 autocast where native; "float32" = pure fp32',
+    )
     parser.add_argument("--name", help="results file stem (default: from the model)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -386,6 +392,7 @@ def main() -> None:
             "threads": args.threads,
             "repeats": args.repeats,
             "seed": 42,
+            "torch_dtype": args.torch_dtype,
             **PROMPT,
             "train_rows": train,
             "eval_rows": test,

@@ -74,3 +74,17 @@ def test_generation_speed_benchmark_smoke(tmp_path):
         "generation_speed.py", tmp_path, "--repeats", "1", "--max-new-tokens", "4"
     )
     assert summary["texts_identical"]
+
+
+def test_load_test_ci_sized_has_no_errors(tmp_path):
+    out = subprocess.run(
+        [sys.executable, "benchmarks/load_test.py", "--requests", "120", "--concurrency", "16", "--jobs", "3", "--results-dir", str(tmp_path)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "load_test.json").read_text())
+    assert summary["rest"]["errors"] == 0 and summary["grpc"]["errors"] == 0, summary
+    assert summary["training"]["completed"] == 3 and summary["training"]["most_queued_at_once"] >= 1
