@@ -109,7 +109,7 @@ def run_project(config: dict) -> dict:
         max_target_length=8,
         seed=config["seed"],
         silence_progress_bars=True,
-        torch_dtype=config["torch_dtype"],
+        torch_dtype=config.get("torch_dtype"),
     )
     train_call = time.perf_counter() - started
     rss = peak_rss_mb()  # before the evaluation below loads a second copy of the model
