@@ -22,11 +22,17 @@ from .data_model import (  # noqa: E402
     TrainGenerationRecord,
     TuningConfig,
 )
-from .modules import LoraTuning, PeftPromptTuning, TextGeneration  # noqa: E402
+from .modules import (  # noqa: E402
+    InContextLearning,
+    LoraTuning,
+    PeftPromptTuning,
+    TextGeneration,
+)
 
 __all__ = [
     "AdapterConfig",
     "GenerationTrainRecord",
+    "InContextLearning",
     "LoraTuning",
     "PeftPromptTuning",
     "QuantizationConfig",

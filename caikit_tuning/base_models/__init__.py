@@ -12,6 +12,7 @@ from .loading import (
     load_model_config,
     load_tokenizer,
     locate_base_model,
+    rope_scaled,
     trust_remote_code,
 )
 from .paths import resolve_under
@@ -36,6 +37,7 @@ __all__ = [
     "locate_base_model",
     "read_jsonl",
     "resolve_under",
+    "rope_scaled",
     "trust_remote_code",
     "write_jsonl",
 ]

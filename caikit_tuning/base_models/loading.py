@@ -186,17 +186,36 @@ def load_tokenizer(located: LocatedModel) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
+def rope_scaled(config: PretrainedConfig, rope_scaling: dict | None) -> PretrainedConfig:
+    """`config` with its rotary embeddings stretched: {"type": linear|dynamic, "factor": f}."""
+    if not rope_scaling:
+        return config
+    parameters = getattr(config, "rope_parameters", None)
+    if not isinstance(parameters, dict):
+        raise ValueError(
+            f"`rope_scaling` applies to models with rotary position embeddings; a "
+            f"{config.model_type!r} model has none."
+        )
+    config.rope_parameters = {
+        **parameters,
+        "rope_type": rope_scaling["type"],
+        "factor": float(rope_scaling["factor"]),
+    }
+    return config
+
+
 def load_model(
     located: LocatedModel,
     dtype: torch.dtype,
     device: torch.device,
     quantization_config: Any | None = None,
+    rope_scaling: dict | None = None,
 ) -> PreTrainedModel:
     """Load weights (safetensors only) in `dtype` onto `device`, in eval mode.
 
     `quantization_config` (a transformers BitsAndBytesConfig) loads the linear layers
     quantized; such weights are placed while loading, as they cannot be moved after."""
-    config = load_model_config(located)
+    config = rope_scaled(load_model_config(located), rope_scaling)
     auto_class = AutoModelForSeq2SeqLM if is_encoder_decoder(config) else AutoModelForCausalLM
     log.info("loading base model %s (%s, %s)", located.source, dtype, device)
     if located.local and not any(Path(located.location).glob("*.safetensors")):
@@ -207,6 +226,7 @@ def load_model(
         )
     model = auto_class.from_pretrained(
         located.location,
+        config=config,
         dtype=dtype,
         use_safetensors=True,
         trust_remote_code=trust_remote_code(),
@@ -249,8 +269,9 @@ def load_base(
     dtype: torch.dtype,
     device: torch.device,
     quantization_config: Any | None = None,
+    rope_scaling: dict | None = None,
 ) -> BaseModel:
-    model = load_model(located, dtype, device, quantization_config)
+    model = load_model(located, dtype, device, quantization_config, rope_scaling)
     return BaseModel(
         model=model,
         tokenizer=load_tokenizer(located),

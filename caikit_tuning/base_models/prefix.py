@@ -33,11 +33,15 @@ def embed_with_prefix(
     input_ids: torch.Tensor,  # (batch, seq_len)
     attention_mask: torch.Tensor | None,  # (batch, seq_len)
     vectors: torch.Tensor | None,  # (num_virtual_tokens, hidden) or (batch, ...)
+    noise=None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Input embeddings with `vectors` prepended to every row, and the matching mask."""
+    """Input embeddings with `vectors` prepended to every row, and the matching mask.
+    `noise(embeds, mask)`, when given, perturbs the token embeddings (not the prompt)."""
     embeds = model.get_input_embeddings()(input_ids)  # (batch, seq_len, hidden)
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
+    if noise is not None:
+        embeds = noise(embeds, attention_mask)
     if vectors is None:
         return embeds, attention_mask
     batch = input_ids.shape[0]

@@ -18,13 +18,19 @@ _SHARED: weakref.WeakValueDictionary[tuple, BaseModel] = weakref.WeakValueDictio
 _LOCK = threading.Lock()
 
 
-def load_shared(located: LocatedModel, dtype: torch.dtype, device: torch.device) -> BaseModel:
-    """The loaded base model for (location, dtype, device), loading it on first use."""
-    key = (located.location, str(dtype), str(device))
+def load_shared(
+    located: LocatedModel,
+    dtype: torch.dtype,
+    device: torch.device,
+    rope_scaling: dict | None = None,
+) -> BaseModel:
+    """The loaded base model for (location, dtype, device, RoPE scaling), loading it on
+    first use."""
+    key = (located.location, str(dtype), str(device), repr(sorted((rope_scaling or {}).items())))
     with _LOCK:
         base = _SHARED.get(key)
         if base is None:
-            base = load_base(located, dtype, device)
+            base = load_base(located, dtype, device, rope_scaling=rope_scaling)
             _SHARED[key] = base
         return base
 

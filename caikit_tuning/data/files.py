@@ -75,3 +75,44 @@ def _csv(name: str, text: str) -> list[dict]:
             )
         records.append(dict(zip(header, row, strict=True)))
     return records
+
+
+def resolve_data_path(name: str) -> Path:
+    """A training file a request names: inside `data_streams.file_source_base` when that
+    is configured (the runtime's case), else any path (in-process)."""
+    import caikit
+
+    from ..base_models.paths import resolve_under
+
+    root = (caikit.get_config().get("data_streams") or {}).get("file_source_base")
+    if root:
+        return resolve_under(root, name, "data.mixture.file")
+    return Path(name).expanduser()
+
+
+def mix_records(
+    sources: tuple[tuple[str, float], ...], mode: str, size: int | None, seed: int
+) -> list[dict]:
+    """Records of several files: all of them in order (concatenate), or `size` records
+    drawn per file in proportion to its weight (sample; with replacement only where a
+    file is smaller than its share), shuffled with `seed`."""
+    import torch
+
+    tables = [read_records_file(resolve_data_path(file)) for file, _ in sources]
+    if mode == "concatenate":
+        return [record for table in tables for record in table]
+    generator = torch.Generator().manual_seed(seed)
+    total = size or sum(len(t) for t in tables)
+    weights = [w for _, w in sources]
+    quotas = [round(total * w / sum(weights)) for w in weights]
+    mixed = []
+    for table, quota in zip(tables, quotas, strict=True):
+        if not table or not quota:
+            continue
+        if quota <= len(table):
+            picks = torch.randperm(len(table), generator=generator)[:quota]
+        else:
+            picks = torch.randint(len(table), (quota,), generator=generator)
+        mixed.extend(table[i] for i in picks.tolist())
+    order = torch.randperm(len(mixed), generator=generator).tolist()
+    return [mixed[i] for i in order]

@@ -9,10 +9,12 @@ from .adapters import AdapterConfig, AdapterType, QuantizationConfig, Quantizati
 from .generation import DecodingMethod, ExponentialDecayLengthPenalty
 from .training import (
     DataConfig,
+    DatasetSource,
     GenerationTrainRecord,
     OptimizationConfig,
     PromptOutputModelType,
     PromptTuningInitMethod,
+    RopeScalingConfig,
     TrainGenerationRecord,
     TuningConfig,
     TuningType,
@@ -23,6 +25,7 @@ __all__ = [
     "AdapterConfig",
     "AdapterType",
     "DataConfig",
+    "DatasetSource",
     "DecodingMethod",
     "ExponentialDecayLengthPenalty",
     "GenerationTrainRecord",
@@ -31,6 +34,7 @@ __all__ = [
     "PromptTuningInitMethod",
     "QuantizationConfig",
     "QuantizationType",
+    "RopeScalingConfig",
     "TrainGenerationRecord",
     "TuningConfig",
     "TuningType",

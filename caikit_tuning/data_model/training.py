@@ -104,11 +104,36 @@ class OptimizationConfig(DataObjectBase):
 
 
 @dataobject(package=PACKAGE)
+class DatasetSource(DataObjectBase):
+    """One file of a dataset mixture and its sampling weight."""
+
+    file: Annotated[str, FieldNumber(1)]
+    weight: Annotated[Optional[float], FieldNumber(2)]
+
+
+@dataobject(package=PACKAGE)
 class DataConfig(DataObjectBase):
     """How records become training examples.
 
     chat_loss, for chat records ({"messages": [...]}): last_assistant (default: learn
     the final answer), assistant (every assistant turn) or all (every token).
+    mixture: training files (JSON / JSONL / CSV) used instead of train_stream, either
+    concatenated (mixture_mode concatenate, the default) or sampled by weight with
+    mixture_seed (mixture_mode sample; mixture_size records, default: as many as all
+    files hold).
     """
 
     chat_loss: Annotated[Optional[str], FieldNumber(1)]
+    mixture: Annotated[Optional[List[DatasetSource]], FieldNumber(2)]
+    mixture_mode: Annotated[Optional[str], FieldNumber(3)]
+    mixture_size: Annotated[Optional[int], FieldNumber(4)]
+    mixture_seed: Annotated[Optional[int], FieldNumber(5)]
+
+
+@dataobject(package=PACKAGE)
+class RopeScalingConfig(DataObjectBase):
+    """Stretch a rotary-position model's context when loading it: `type` linear or
+    dynamic (NTK), by `factor` (> 1). Recorded with the model and applied at inference."""
+
+    type: Annotated[Optional[str], FieldNumber(1)]
+    factor: Annotated[Optional[float], FieldNumber(2)]

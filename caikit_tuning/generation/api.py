@@ -20,6 +20,7 @@ from caikit.interfaces.nlp.data_model import (
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 
 from ..data_model import ExponentialDecayLengthPenalty
+from .labels import LabelRule
 from .settings import GenerationSettings
 
 
@@ -45,6 +46,9 @@ def run(
     include_ranks: Optional[bool] = False,
     include_input_tokens: Optional[bool] = False,
     apply_chat_template: Optional[bool] = False,
+    labels: Optional[List[str]] = None,
+    label_match: Optional[str] = None,
+    label_fallback: Optional[str] = None,
 ) -> GeneratedTextResult:
     """Generate a continuation of `text`.
 
@@ -70,11 +74,20 @@ def run(
         include_ranks: report each generated token's rank (1 = likeliest).
         include_input_tokens: report the input tokens.
         apply_chat_template: wrap the input as a user turn in the tokenizer's chat template.
+        labels: classification: the generated text is replaced by one of these labels.
+        label_match: how: contains (default; the label mentioned first), exact, or regex
+            (labels given as label=pattern).
+        label_fallback: the label when none matches (default: empty text).
     Returns:
         GeneratedTextResult with the text, token counts and finish reason.
     """
-    settings = GenerationSettings.from_request(**_generation_args(locals()))
-    return self.generator.generate(self.model_input(text), settings)
+    rule = LabelRule.parse(labels, label_match, label_fallback)
+    values = _generation_args(locals())
+    settings = GenerationSettings.from_request(**values)
+    result = self.generator.generate(self.model_input(text), settings)
+    if rule is not None:
+        result.generated_text = rule.extract(result.generated_text)
+    return result
 
 
 def run_stream_out(
@@ -124,8 +137,11 @@ def run_tokenizer(self, text: str) -> TokenizationResults:
     return TokenizationResults(results=tokens, token_count=len(tokens))
 
 
+_NOT_GENERATION = ("self", "text", "labels", "label_match", "label_fallback", "rule")
+
+
 def _generation_args(call_locals: dict) -> dict:
-    return {k: v for k, v in call_locals.items() if k not in ("self", "text")}
+    return {k: v for k, v in call_locals.items() if k not in _NOT_GENERATION}
 
 
 _METHODS = (

@@ -1,7 +1,8 @@
 """The caikit modules of caikit_tuning, one folder each."""
 
+from .in_context import InContextLearning
 from .lora import LoraTuning
 from .prompt_tuning import PeftPromptTuning
 from .text_generation import TextGeneration
 
-__all__ = ["LoraTuning", "PeftPromptTuning", "TextGeneration"]
+__all__ = ["InContextLearning", "LoraTuning", "PeftPromptTuning", "TextGeneration"]

@@ -7,8 +7,10 @@ the same checks without training, for the runtime to call at submission.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import inspect
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -22,8 +24,10 @@ from ..base_models import (
     LocatedModel,
     PromptPrefix,
     is_encoder_decoder,
+    load_base,
     load_model_config,
     locate_base_model,
+    rope_scaled,
     write_jsonl,
 )
 from ..data import (
@@ -35,6 +39,7 @@ from ..data import (
     collect_records,
     is_chat,
 )
+from ..data.files import mix_records
 from ..generation import GenerationSettings, TextGenerator
 from ..training import (
     TrainingResult,
@@ -48,6 +53,7 @@ from ..training import (
 from ..training.distributed import world
 from ..training.plots import write_loss_curve
 from ..training.tracking import Tracker, record_model_path
+from .presets import apply_preset
 
 TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings)) + (
     "validation",
@@ -68,6 +74,14 @@ class TrainingPlan:
     dtype: torch.dtype
     # bf16 autocast for float32 weights, unless the caller asked for float32 explicitly.
     amp_dtype: torch.dtype | None = None
+    # {"type": linear|dynamic, "factor": f} applied to the base model's rotary embeddings.
+    rope_scaling: dict | None = None
+
+    def load_base(self, quantization_config: Any | None = None) -> BaseModel:
+        """Load the base model for training (a private copy: training changes it)."""
+        return load_base(
+            self.located, self.dtype, self.device, quantization_config, self.rope_scaling
+        )
 
 
 def placement(device: Any, torch_dtype: Any) -> tuple[torch.device, torch.dtype]:
@@ -76,17 +90,47 @@ def placement(device: Any, torch_dtype: Any) -> tuple[torch.device, torch.dtype]
     return device_, resolve_dtype(torch_dtype or caikit.get_config().get("torch_dtype"), device_)
 
 
+ROPE_TYPES = ("linear", "dynamic")
+
+
+def rope_scaling_from(value: Any) -> dict | None:
+    """A request's rope_scaling (RopeScalingConfig or dict) checked, or None."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        value = {"type": getattr(value, "type", None), "factor": getattr(value, "factor", None)}
+    if not value.get("type") and not value.get("factor"):
+        return None  # an empty wire message
+    kind = str(value.get("type") or "").lower()
+    if kind not in ROPE_TYPES:
+        raise ValueError(
+            f"`rope_scaling.type` must be one of {list(ROPE_TYPES)}, got {value.get('type')!r}."
+        )
+    factor = value.get("factor")
+    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
+        raise ValueError(f"`rope_scaling.factor` must be a number > 1, got {factor!r}.")
+    return {"type": kind, "factor": float(factor)}
+
+
 def plan_training(
-    base_model: Any, device: Any, verbalizer: Any, torch_dtype: Any, **training_values: Any
+    base_model: Any,
+    device: Any,
+    verbalizer: Any,
+    torch_dtype: Any,
+    rope_scaling: Any = None,
+    **training_values: Any,
 ) -> TrainingPlan:
     template = Verbalizer.parse(verbalizer if verbalizer is not None else "{{input}}")
     # Under torch.distributed, the global batch is shared by every process.
     training = TrainingSettings.from_request(num_processes=world().size, **training_values)
     located = locate_base_model(base_model)
-    encoder_decoder = is_encoder_decoder(load_model_config(located))
+    config = load_model_config(located)
+    encoder_decoder = is_encoder_decoder(config)
+    rope = rope_scaling_from(rope_scaling)
+    rope_scaled(config, rope)  # refuses models without rotary embeddings, now
     device_, dtype = placement(device, torch_dtype)
     amp = None if torch_dtype else autocast_dtype(device_, dtype)
-    return TrainingPlan(training, template, located, encoder_decoder, device_, dtype, amp)
+    return TrainingPlan(training, template, located, encoder_decoder, device_, dtype, amp, rope)
 
 
 def trained_on_chat(records: list[dict]) -> bool:
@@ -107,9 +151,11 @@ def bind_arguments(train_method: Callable, arguments: dict[str, Any]) -> dict[st
     return {name: bound.arguments.get(name) for name in signature.parameters}
 
 
-def training_values(arguments: dict[str, Any]) -> dict[str, Any]:
-    """The TrainingSettings fields among a train() call's arguments."""
-    return {k: v for k, v in arguments.items() if k in TRAINING_FIELDS}
+def training_values(arguments: dict[str, Any], method: str) -> dict[str, Any]:
+    """The TrainingSettings fields among a train() call's arguments, with the knobs it
+    leaves unset taken from its `preset` (or the method's defaults)."""
+    values = {k: v for k, v in arguments.items() if k in TRAINING_FIELDS}
+    return apply_preset(method, arguments.get("preset"), values)
 
 
 def read_records(
@@ -120,6 +166,18 @@ def read_records(
     validation set."""
     training = plan.training
     cap = int(caikit.get_config().get("max_training_records") or 0)
+    if training.mixture:
+        if train_stream is not None:
+            raise ValueError("give `train_stream` or `data.mixture`, not both.")
+        try:
+            train_stream = mix_records(
+                training.mixture,
+                training.mixture_mode,
+                training.mixture_size,
+                training.mixture_seed,
+            )
+        except ValueError as err:
+            raise ValueError(f"`data.mixture`: {err}") from err
     records = collect_records(train_stream, "train_stream", cap)
     val_records = collect_records(val_stream, "val_stream", required=False)
     for name, rows in (("train_stream", records), ("val_stream", val_records)):
@@ -191,7 +249,8 @@ def fit(
     tracker = Tracker({**training.to_config(), "base_model": str(plan.located.source)})
 
     def loss_fn(batch: Batch) -> torch.Tensor:
-        loss = summed_token_loss(base.model, batch, prefix(batch))
+        noise = training.neftune_noise_alpha if base.model.training else None
+        loss = summed_token_loss(base.model, batch, prefix(batch), noise)
         if penalty is not None and base.model.training:
             # The loop divides by the step's target tokens: weighting by this batch's
             # share adds `penalty` once per optimizer step, and never to validation loss.
@@ -199,24 +258,25 @@ def fit(
         return loss
 
     try:
-        result = train(
-            model=base.model,
-            params=params,
-            loss_fn=loss_fn,
-            examples=examples,
-            collate=collator_for(
-                base.is_encoder_decoder,
-                base.tokenizer.pad_token_id,
-                getattr(base.model.config, "decoder_start_token_id", None),
-            ),
-            settings=training,
-            device=plan.device,
-            amp_dtype=plan.amp_dtype,
-            val_examples=val_examples,
-            accuracy_fn=_accuracy(base, plan, prefix, val_records),
-            on_log=tracker.log,
-            after_step=after_step,
-        )
+        with deterministic(training.determinism):
+            result = train(
+                model=base.model,
+                params=params,
+                loss_fn=loss_fn,
+                examples=examples,
+                collate=collator_for(
+                    base.is_encoder_decoder,
+                    base.tokenizer.pad_token_id,
+                    getattr(base.model.config, "decoder_start_token_id", None),
+                ),
+                settings=training,
+                device=plan.device,
+                amp_dtype=plan.amp_dtype,
+                val_examples=val_examples,
+                accuracy_fn=_accuracy(base, plan, prefix, val_records),
+                on_log=tracker.log,
+                after_step=after_step,
+            )
     except BaseException:
         tracker.finish("FAILED")
         raise
@@ -274,7 +334,30 @@ def training_summary(plan: TrainingPlan, result: TrainingResult, num_records: in
         "best_step": result.best_step,
         "resumed_from_step": result.resumed_from_step,
         "tracking_run_id": result.tracking_run_id,
+        "rope_scaling": plan.rope_scaling,
     }
+
+
+@contextlib.contextmanager
+def deterministic(level: str):
+    """no: fastest kernels; half: cuDNN deterministic, no autotuning; full: only
+    deterministic implementations (torch raises on an op that has none)."""
+    saved = (
+        torch.backends.cudnn.deterministic,
+        torch.backends.cudnn.benchmark,
+        torch.are_deterministic_algorithms_enabled(),
+    )
+    if level in ("half", "full"):
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    if level == "full":
+        # cuBLAS needs a fixed workspace to be deterministic (read when CUDA starts).
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = saved[:2]
+        torch.use_deterministic_algorithms(saved[2])
 
 
 TRAINING_LOGS = "training_logs.jsonl"

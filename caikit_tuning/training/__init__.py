@@ -2,7 +2,7 @@
 
 from .checkpoints import checkpointing
 from .devices import autocast_dtype, resolve_device, resolve_dtype, seed_everything
-from .loop import TrainingResult, evaluate_loss, train
+from .loop import TrainingResult, evaluate_loss, total_steps, train
 from .loss import summed_token_loss
 from .settings import OptimizationSettings, TrainingSettings, ValidationSettings
 
@@ -18,5 +18,6 @@ __all__ = [
     "resolve_dtype",
     "seed_everything",
     "summed_token_loss",
+    "total_steps",
     "train",
 ]

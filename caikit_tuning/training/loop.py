@@ -55,6 +55,12 @@ class _Best:
     evals_without_improvement: int = 0
 
 
+def total_steps(settings: TrainingSettings, num_examples: int, world_size: int = 1) -> int:
+    """Optimizer steps of a run: each takes `accumulation` micro-batches on every process."""
+    batches = math.ceil(num_examples / settings.micro_batch_size)
+    return math.ceil(batches / (settings.accumulation * world_size)) * settings.num_epochs
+
+
 def train(
     model: torch.nn.Module,
     params: Sequence[torch.nn.Parameter],
@@ -108,10 +114,7 @@ class _Run:
         # global window, which every process can count without collating other shares.
         self.target_counts = [len(ex.target_ids) + len(ex.source_targets) for ex in examples]
         self.world = distributed.world()
-        batches = math.ceil(len(examples) / settings.micro_batch_size)
-        # Each optimizer step takes `accumulation` micro-batches on every process.
-        self.steps_per_epoch = math.ceil(batches / (settings.accumulation * self.world.size))
-        self.total_steps = self.steps_per_epoch * settings.num_epochs
+        self.total_steps = total_steps(settings, len(examples), self.world.size)
         self.optimizer = build_optimizer(params, settings)
         self.schedule = build_schedule(self.optimizer, settings, self.total_steps)
         self.generator = torch.Generator().manual_seed(settings.seed)

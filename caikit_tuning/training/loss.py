@@ -20,19 +20,42 @@ def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 
 
-def summed_token_loss(model: PreTrainedModel, batch: Batch, prefix: PromptPrefix) -> torch.Tensor:
+def summed_token_loss(
+    model: PreTrainedModel, batch: Batch, prefix: PromptPrefix, noise_alpha: float | None = None
+) -> torch.Tensor:
     """Sum of the cross-entropy of every target token in `batch` (a scalar).
 
     The caller divides by the number of target tokens of the whole accumulation window,
-    so micro-batches of different sizes are weighted per token.
+    so micro-batches of different sizes are weighted per token. `noise_alpha` adds
+    NEFTune noise to the input token embeddings.
     """
     if model.config.is_encoder_decoder:
-        return _seq2seq_loss(model, batch, prefix)
-    return _causal_loss(model, batch, prefix)
+        return _seq2seq_loss(model, batch, prefix, noise_alpha)
+    return _causal_loss(model, batch, prefix, noise_alpha)
 
 
-def _causal_loss(model: PreTrainedModel, batch: Batch, prefix: PromptPrefix) -> torch.Tensor:
-    embeds, mask = embed_with_prefix(model, batch.input_ids, batch.attention_mask, prefix.decoder)
+def _neftune(noise_alpha: float | None):
+    """Uniform noise scaled by alpha / sqrt(length * hidden), each row by its own length
+    (Jain et al. 2023)."""
+    if not noise_alpha:
+        return None
+
+    def add_noise(embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        # embeds: (batch, seq_len, hidden); mask: (batch, seq_len)
+        lengths = mask.sum(dim=1, keepdim=True).unsqueeze(-1).clamp(min=1)  # (batch, 1, 1)
+        scale = noise_alpha / torch.sqrt(lengths * embeds.shape[-1])
+        noise = torch.empty_like(embeds).uniform_(-1, 1) * scale
+        return embeds + noise * mask.unsqueeze(-1)
+
+    return add_noise
+
+
+def _causal_loss(
+    model: PreTrainedModel, batch: Batch, prefix: PromptPrefix, noise_alpha: float | None
+) -> torch.Tensor:
+    embeds, mask = embed_with_prefix(
+        model, batch.input_ids, batch.attention_mask, prefix.decoder, _neftune(noise_alpha)
+    )
     # Project only the positions that predict a target token onto the vocabulary:
     # for short answers that skips almost all of the LM head's work.
     positions = batch.target_positions + PromptPrefix.length(prefix.decoder)  # (batch, n_targets)
@@ -47,9 +70,11 @@ def _causal_loss(model: PreTrainedModel, batch: Batch, prefix: PromptPrefix) -> 
     )
 
 
-def _seq2seq_loss(model: PreTrainedModel, batch: Batch, prefix: PromptPrefix) -> torch.Tensor:
+def _seq2seq_loss(
+    model: PreTrainedModel, batch: Batch, prefix: PromptPrefix, noise_alpha: float | None
+) -> torch.Tensor:
     encoder_embeds, encoder_mask = embed_with_prefix(
-        model, batch.input_ids, batch.attention_mask, prefix.encoder
+        model, batch.input_ids, batch.attention_mask, prefix.encoder, _neftune(noise_alpha)
     )
     decoder_embeds, decoder_mask = embed_with_prefix(
         model, batch.decoder_input_ids, batch.decoder_attention_mask, prefix.decoder

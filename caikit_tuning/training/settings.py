@@ -9,6 +9,7 @@ from typing import Any
 SCHEDULERS = ("linear", "cosine", "constant")
 LR_SCALINGS = ("none", "sqrt", "linear")
 CHAT_LOSSES = ("last_assistant", "assistant", "all")
+DETERMINISM = ("no", "half", "full")
 
 
 def _int(value: Any, name: str, minimum: int) -> int:
@@ -120,6 +121,31 @@ class _DataFields:
     """The fields of a request's `data` config (they live on TrainingSettings)."""
 
     chat_loss: str = "last_assistant"
+    mixture: tuple = ()
+    mixture_mode: str = "concatenate"
+    mixture_size: int | None = None
+    mixture_seed: int = 0
+
+
+MIXTURE_MODES = ("concatenate", "sample")
+
+
+def _mixture(value: Any) -> tuple[tuple[str, float], ...]:
+    """(file, weight) pairs from a request's mixture (dataobjects, dicts or pairs)."""
+    sources = []
+    for index, item in enumerate(value or ()):
+        if isinstance(item, tuple):
+            item = {"file": item[0], "weight": item[1]}
+        file = item.get("file") if isinstance(item, dict) else getattr(item, "file", None)
+        weight = item.get("weight") if isinstance(item, dict) else getattr(item, "weight", None)
+        if not isinstance(file, str) or not file:
+            raise ValueError(
+                f"`data.mixture[{index}].file` must name a training file, got {file!r}."
+            )
+        weight = 1.0 if weight in (None, 0) else weight
+        _number(weight, f"data.mixture[{index}].weight", 0.0, math.inf, low_open=True)
+        sources.append((file, float(weight)))
+    return tuple(sources)
 
 
 @dataclass(frozen=True)
@@ -145,6 +171,18 @@ class TrainingSettings:
     optimization: OptimizationSettings = field(default_factory=OptimizationSettings)
     # Chat records: learn the last assistant turn, every assistant turn, or all tokens.
     chat_loss: str = "last_assistant"
+    # Training files mixed instead of a train_stream: ((file, weight), ...).
+    mixture: tuple = ()
+    mixture_mode: str = "concatenate"
+    mixture_size: int | None = None
+    mixture_seed: int = 0
+    # The task-type preset that filled the knobs left unset (recorded, see modules/presets).
+    preset: str | None = None
+    # NEFTune: uniform noise of this scale on the input token embeddings while training.
+    neftune_noise_alpha: float | None = None
+    # no: fast kernels; half: seeded and cuDNN-deterministic; full: deterministic
+    # implementations only (an op without one raises).
+    determinism: str = "half"
     # Data-parallel processes sharing the global batch (set by the launcher, not users).
     num_processes: int = 1
 
@@ -160,9 +198,16 @@ class TrainingSettings:
         if self.checkpoint_steps is not None:
             _int(self.checkpoint_steps, "checkpoint_steps", 1)
         _number(self.learning_rate, "learning_rate", 0.0, math.inf, low_open=True)
-        object.__setattr__(
-            self, "chat_loss", _choice(self.chat_loss, "data.chat_loss", CHAT_LOSSES)
-        )
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
+        set_("chat_loss", _choice(self.chat_loss, "data.chat_loss", CHAT_LOSSES))
+        set_("determinism", _choice(self.determinism, "determinism", DETERMINISM))
+        if self.neftune_noise_alpha is not None:
+            _number(self.neftune_noise_alpha, "neftune_noise_alpha", 0.0, math.inf)
+        set_("mixture", _mixture(self.mixture))
+        set_("mixture_mode", _choice(self.mixture_mode, "data.mixture_mode", MIXTURE_MODES))
+        if self.mixture_size is not None:
+            _int(self.mixture_size, "data.mixture_size", 1)
+        _int(self.mixture_seed, "data.mixture_seed", 0)
         total = self.optimization.total_train_batch_size
         if total is not None:
             if self.accumulate_steps != 1:

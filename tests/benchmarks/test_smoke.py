@@ -78,7 +78,18 @@ def test_generation_speed_benchmark_smoke(tmp_path):
 
 def test_load_test_ci_sized_has_no_errors(tmp_path):
     out = subprocess.run(
-        [sys.executable, "benchmarks/load_test.py", "--requests", "120", "--concurrency", "16", "--jobs", "3", "--results-dir", str(tmp_path)],
+        [
+            sys.executable,
+            "benchmarks/load_test.py",
+            "--requests",
+            "120",
+            "--concurrency",
+            "16",
+            "--jobs",
+            "3",
+            "--results-dir",
+            str(tmp_path),
+        ],
         cwd=ROOT,
         capture_output=True,
         text=True,

@@ -1,7 +1,6 @@
 """LoraTuning: train a weight adapter (LoRA, AdaLoRA, IA3) on a frozen base model."""
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -23,10 +22,17 @@ from ...base_models import (
     read_jsonl,
 )
 from ...data import Verbalizer
-from ...data_model import DataConfig, OptimizationConfig, TrainGenerationRecord, ValidationConfig
+from ...data_model import (
+    DataConfig,
+    OptimizationConfig,
+    RopeScalingConfig,
+    TrainGenerationRecord,
+    ValidationConfig,
+)
 from ...data_model.adapters import AdapterConfig, AdapterType, QuantizationConfig
 from ...generation import TextGenerator, generation_api
-from ...training import TrainingSettings, seed_everything
+from ...training import TrainingSettings, seed_everything, total_steps
+from ...training.distributed import world
 from ..recipe import (
     TRAINING_LOGS,
     TrainingPlan,
@@ -118,13 +124,13 @@ class LoraTuning(ModuleBase):
         train_stream: DataStream[TrainGenerationRecord],
         val_stream: Optional[DataStream[TrainGenerationRecord]] = None,
         device: Optional[str] = None,
-        num_epochs: Optional[int] = 3,
-        learning_rate: Optional[float] = 2e-4,
+        num_epochs: Optional[int] = None,
+        learning_rate: Optional[float] = None,
         verbalizer: Optional[str] = "{{input}}",
-        batch_size: Optional[int] = 8,
+        batch_size: Optional[int] = None,
         max_source_length: Optional[int] = 256,
         max_target_length: Optional[int] = 128,
-        accumulate_steps: Optional[int] = 1,
+        accumulate_steps: Optional[int] = None,
         torch_dtype: Optional[str] = None,
         silence_progress_bars: Optional[bool] = True,
         seed: Optional[int] = 42,
@@ -137,6 +143,10 @@ class LoraTuning(ModuleBase):
         merge_adapter_into_base_model: Optional[bool] = False,
         pretrained_adapter_weights: Optional[str] = None,
         quantization: Optional[QuantizationConfig] = None,
+        preset: Optional[str] = None,
+        neftune_noise_alpha: Optional[float] = None,
+        rope_scaling: Optional[RopeScalingConfig] = None,
+        determinism: Optional[str] = None,
     ) -> "LoraTuning":
         """Train a weight adapter for `base_model` on input/output records.
 
@@ -145,14 +155,14 @@ class LoraTuning(ModuleBase):
             train_stream: TrainGenerationRecord records (`input`, `output`).
             val_stream: records whose loss is logged after every epoch.
             device: "cpu", "cuda", ...; default: a GPU when there is one.
-            num_epochs: passes over the training records. Default 3.
-            learning_rate: AdamW learning rate, decayed linearly to 0. Default 2e-4.
+            num_epochs: passes over the training records. Default 3 (or the preset's).
+            learning_rate: AdamW learning rate, decayed linearly to 0. Default 2e-4 (or the preset's).
             verbalizer: template that turns a record into the model's input; applied at
                 inference too. Default "{{input}}".
-            batch_size: records per micro-batch. Default 8.
+            batch_size: records per micro-batch. Default 8 (or the preset's).
             max_source_length: longest input in tokens; longer ones lose their start. Default 256.
             max_target_length: longest output in tokens, EOS included. Default 128.
-            accumulate_steps: micro-batches per optimizer step. Default 1.
+            accumulate_steps: micro-batches per optimizer step. Default 1 (or the preset's).
             torch_dtype: weight dtype (float32, bfloat16, float16); default float32 on CPU,
                 bf16/fp16 on GPUs.
             silence_progress_bars: hide the progress bar. Default True.
@@ -177,6 +187,15 @@ class LoraTuning(ModuleBase):
             quantization: load the frozen base model in 4 or 8 bits (QLoRA; needs a CUDA
                 GPU and bitsandbytes): bits, quant_type (NF4, FP4), double_quant,
                 compute_dtype. Default: no quantization.
+            preset: classification, generation or summarization: the defaults it sets for
+                num_epochs, learning_rate, batch_size and accumulate_steps apply where the
+                request leaves them unset (see caikit_tuning/modules/presets.py).
+            neftune_noise_alpha: NEFTune noise on the input embeddings while training
+                (e.g. 5); unset: none.
+            rope_scaling: type (linear, dynamic) and factor (> 1) stretching a rotary
+                model's context; recorded and applied at inference too.
+            determinism: no, half (default: seeded, cuDNN deterministic) or full
+                (deterministic implementations only; an op without one raises).
         Returns:
             the trained LoraTuning model.
         """
@@ -284,7 +303,8 @@ class LoraTuning(ModuleBase):
                 located = locate_base_model(BaseModelSource.from_config(dict(config.base_model)))
             except ValueError as err:
                 raise ValueError(f"cannot load the LoRA model at {folder}: {err}") from err
-            base = load_base(located, dtype, device_)
+            rope = dict((config.get("training") or {}).get("rope_scaling") or {}) or None
+            base = load_base(located, dtype, device_, rope_scaling=rope)
             adapter_folder = inside(folder, config.adapter, "its adapter")
             adapter, _ = load_adapter(base.model, adapter_folder, False, "the saved adapter")
             base.model = adapter.get_base_model()
@@ -307,7 +327,8 @@ def _plan(arguments: dict) -> tuple[TrainingPlan, AdapterPlan]:
         arguments["device"],
         arguments["verbalizer"],
         arguments["torch_dtype"],
-        **training_values(arguments),
+        arguments["rope_scaling"],
+        **training_values(arguments, "lora"),
     )
     merge = arguments["merge_adapter_into_base_model"] or False
     if not isinstance(merge, bool):
@@ -344,14 +365,13 @@ def _quantization(request, merge: bool, plan: TrainingPlan) -> Optional[Quantiza
 
 def _load_base(plan: TrainingPlan, quantization: Optional[QuantizationSettings]) -> BaseModel:
     if quantization is None:
-        return load_base(plan.located, plan.dtype, plan.device)
+        return plan.load_base()
     return load_quantized_base(plan.located, quantization, plan.device)
 
 
 def _total_steps(training: TrainingSettings, num_records: int) -> int:
-    """The loop's optimizer steps: micro-batches per epoch in accumulation windows."""
-    batches = math.ceil(num_records / training.micro_batch_size)
-    return math.ceil(batches / training.accumulation) * training.num_epochs
+    """The loop's optimizer steps (AdaLoRA schedules its rank budget over them)."""
+    return total_steps(training, num_records, world().size)
 
 
 def _attach(

@@ -16,7 +16,6 @@ from ...base_models import (
     BaseModelSource,
     atomic_folder,
     hidden_size,
-    load_base,
     load_model_config,
     load_shared,
     locate_base_model,
@@ -28,6 +27,7 @@ from ...data_model import (
     OptimizationConfig,
     PromptOutputModelType,
     PromptTuningInitMethod,
+    RopeScalingConfig,
     TrainGenerationRecord,
     TuningConfig,
     TuningType,
@@ -116,13 +116,13 @@ class PeftPromptTuning(ModuleBase):
         val_stream: Optional[DataStream[TrainGenerationRecord]] = None,
         device: Optional[str] = None,
         tuning_type: Optional[str] = "PROMPT_TUNING",
-        num_epochs: Optional[int] = 20,
-        learning_rate: Optional[float] = 0.3,
+        num_epochs: Optional[int] = None,
+        learning_rate: Optional[float] = None,
         verbalizer: Optional[str] = "{{input}}",
-        batch_size: Optional[int] = 8,
+        batch_size: Optional[int] = None,
         max_source_length: Optional[int] = 256,
         max_target_length: Optional[int] = 128,
-        accumulate_steps: Optional[int] = 1,
+        accumulate_steps: Optional[int] = None,
         torch_dtype: Optional[str] = None,
         silence_progress_bars: Optional[bool] = True,
         seed: Optional[int] = 42,
@@ -131,6 +131,10 @@ class PeftPromptTuning(ModuleBase):
         optimization: Optional[OptimizationConfig] = None,
         data: Optional[DataConfig] = None,
         checkpoint_steps: Optional[int] = None,
+        preset: Optional[str] = None,
+        neftune_noise_alpha: Optional[float] = None,
+        rope_scaling: Optional[RopeScalingConfig] = None,
+        determinism: Optional[str] = None,
     ) -> "PeftPromptTuning":
         """Learn a soft prompt for `base_model` from input/output records.
 
@@ -142,14 +146,14 @@ class PeftPromptTuning(ModuleBase):
             val_stream: records whose loss is logged after every epoch.
             device: "cpu", "cuda", ...; default: a GPU when there is one.
             tuning_type: PROMPT_TUNING.
-            num_epochs: passes over the training records. Default 20.
-            learning_rate: AdamW learning rate, decayed linearly to 0. Default 0.3.
+            num_epochs: passes over the training records. Default 20 (or the preset's).
+            learning_rate: AdamW learning rate, decayed linearly to 0. Default 0.3 (or the preset's).
             verbalizer: template that turns a record into the model's input, e.g.
                 "Review: {{input}} Sentiment:"; applied at inference too. Default "{{input}}".
-            batch_size: records per micro-batch. Default 8.
+            batch_size: records per micro-batch. Default 8 (or the preset's).
             max_source_length: longest input in tokens; longer ones lose their start. Default 256.
             max_target_length: longest output in tokens, EOS included. Default 128.
-            accumulate_steps: micro-batches per optimizer step. Default 1.
+            accumulate_steps: micro-batches per optimizer step. Default 1 (or the preset's).
             torch_dtype: weight dtype (float32, bfloat16, float16). Unset: float32 weights
                 computed under bf16 autocast where the hardware runs bf16 natively (CPUs
                 with AVX512-BF16/AMX, recent GPUs), else float32; bf16/fp16 weights on
@@ -166,13 +170,22 @@ class PeftPromptTuning(ModuleBase):
                 max_grad_norm.
             data: chat_loss for chat records: last_assistant (default), assistant, all.
             checkpoint_steps: save resumable state every N steps into the job's folder.
+            preset: classification, generation or summarization: the defaults it sets for
+                num_epochs, learning_rate, batch_size and accumulate_steps apply where the
+                request leaves them unset (see caikit_tuning/modules/presets.py).
+            neftune_noise_alpha: NEFTune noise on the input embeddings while training
+                (e.g. 5); unset: none.
+            rope_scaling: type (linear, dynamic) and factor (> 1) stretching a rotary
+                model's context; recorded and applied at inference too.
+            determinism: no, half (default: seeded, cuDNN deterministic) or full
+                (deterministic implementations only; an op without one raises).
         Returns:
             the tuned PeftPromptTuning model.
         """
         plan, settings = _plan(locals())
         records, val_records = read_records(train_stream, val_stream, plan)
         seed_everything(plan.training.seed)
-        base = load_base(plan.located, plan.dtype, plan.device)
+        base = plan.load_base()
         generator = torch.Generator().manual_seed(plan.training.seed)
         start = initial_weight(base.model, base.tokenizer, settings, generator)  # (rows, hidden)
         tasks = task_names(records)
@@ -290,7 +303,8 @@ class PeftPromptTuning(ModuleBase):
             num_ranks=int(config.get("num_ranks") or 1),
         )
         prompt = load_adapter(folder, placements)
-        base = load_shared(located, dtype, device_)
+        rope = dict(dict(config.get("training") or {}).get("rope_scaling") or {}) or None
+        base = load_shared(located, dtype, device_, rope)
         if prompt.weight.shape[1] != base.model.get_input_embeddings().weight.shape[1]:
             raise ValueError(
                 f"the prompt at {folder} has width {prompt.weight.shape[1]} but base model "
@@ -316,7 +330,8 @@ def _plan(arguments: dict) -> tuple[TrainingPlan, PromptTuningSettings]:
         arguments["device"],
         arguments["verbalizer"],
         arguments["torch_dtype"],
-        **training_values(arguments),
+        arguments["rope_scaling"],
+        **training_values(arguments, "prompt_tuning"),
     )
     settings = PromptTuningSettings.from_request(
         arguments["tuning_type"], arguments["tuning_config"], plan.is_encoder_decoder

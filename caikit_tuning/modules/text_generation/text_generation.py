@@ -15,13 +15,18 @@ from ...base_models import (
     BaseModelSource,
     LocatedModel,
     atomic_folder,
-    load_base,
     load_shared,
     locate_base_model,
     read_jsonl,
 )
 from ...data import Verbalizer
-from ...data_model import DataConfig, OptimizationConfig, TrainGenerationRecord, ValidationConfig
+from ...data_model import (
+    DataConfig,
+    OptimizationConfig,
+    RopeScalingConfig,
+    TrainGenerationRecord,
+    ValidationConfig,
+)
 from ...generation import TextGenerator, generation_api
 from ...training import seed_everything
 from ..recipe import (
@@ -99,13 +104,13 @@ class TextGeneration(ModuleBase):
         train_stream: DataStream[TrainGenerationRecord],
         val_stream: Optional[DataStream[TrainGenerationRecord]] = None,
         device: Optional[str] = None,
-        num_epochs: Optional[int] = 5,
-        learning_rate: Optional[float] = 2e-5,
+        num_epochs: Optional[int] = None,
+        learning_rate: Optional[float] = None,
         verbalizer: Optional[str] = "{{input}}",
-        batch_size: Optional[int] = 8,
+        batch_size: Optional[int] = None,
         max_source_length: Optional[int] = 256,
         max_target_length: Optional[int] = 128,
-        accumulate_steps: Optional[int] = 1,
+        accumulate_steps: Optional[int] = None,
         torch_dtype: Optional[str] = None,
         silence_progress_bars: Optional[bool] = True,
         seed: Optional[int] = 42,
@@ -114,6 +119,10 @@ class TextGeneration(ModuleBase):
         optimization: Optional[OptimizationConfig] = None,
         data: Optional[DataConfig] = None,
         checkpoint_steps: Optional[int] = None,
+        preset: Optional[str] = None,
+        neftune_noise_alpha: Optional[float] = None,
+        rope_scaling: Optional[RopeScalingConfig] = None,
+        determinism: Optional[str] = None,
     ) -> "TextGeneration":
         """Fine-tune every weight of `base_model` on input/output records.
 
@@ -122,14 +131,14 @@ class TextGeneration(ModuleBase):
             train_stream: TrainGenerationRecord records (`input`, `output`).
             val_stream: records whose loss is logged after every epoch.
             device: "cpu", "cuda", ...; default: a GPU when there is one.
-            num_epochs: passes over the training records. Default 5.
-            learning_rate: AdamW learning rate, decayed linearly to 0. Default 2e-5.
+            num_epochs: passes over the training records. Default 5 (or the preset's).
+            learning_rate: AdamW learning rate, decayed linearly to 0. Default 2e-5 (or the preset's).
             verbalizer: template that turns a record into the model's input; applied at
                 inference too. Default "{{input}}".
-            batch_size: records per micro-batch. Default 8.
+            batch_size: records per micro-batch. Default 8 (or the preset's).
             max_source_length: longest input in tokens; longer ones lose their start. Default 256.
             max_target_length: longest output in tokens, EOS included. Default 128.
-            accumulate_steps: micro-batches per optimizer step. Default 1.
+            accumulate_steps: micro-batches per optimizer step. Default 1 (or the preset's).
             torch_dtype: weight dtype (float32, bfloat16, float16). Unset: float32 weights
                 computed under bf16 autocast where the hardware runs bf16 natively, else
                 float32; bf16/fp16 weights on GPUs. "float32" given explicitly computes in
@@ -146,13 +155,22 @@ class TextGeneration(ModuleBase):
                 max_grad_norm.
             data: chat_loss for chat records: last_assistant (default), assistant, all.
             checkpoint_steps: save resumable state every N steps into the job's folder.
+            preset: classification, generation or summarization: the defaults it sets for
+                num_epochs, learning_rate, batch_size and accumulate_steps apply where the
+                request leaves them unset (see caikit_tuning/modules/presets.py).
+            neftune_noise_alpha: NEFTune noise on the input embeddings while training
+                (e.g. 5); unset: none.
+            rope_scaling: type (linear, dynamic) and factor (> 1) stretching a rotary
+                model's context; recorded and applied at inference too.
+            determinism: no, half (default: seeded, cuDNN deterministic) or full
+                (deterministic implementations only; an op without one raises).
         Returns:
             the fine-tuned TextGeneration model.
         """
         plan = _plan(locals())
         records, val_records = read_records(train_stream, val_stream, plan)
         seed_everything(plan.training.seed)
-        base = load_base(plan.located, plan.dtype, plan.device)
+        base = plan.load_base()
         base.model.requires_grad_(True)
         params = [p for p in base.model.parameters() if p.requires_grad]
         result = fit(base, plan, params, lambda batch: NO_PREFIX, records, val_records)
@@ -249,5 +267,6 @@ def _plan(arguments: dict):
         arguments["device"],
         arguments["verbalizer"],
         arguments["torch_dtype"],
-        **training_values(arguments),
+        arguments["rope_scaling"],
+        **training_values(arguments, "full"),
     )

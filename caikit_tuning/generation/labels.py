@@ -1,0 +1,68 @@
+"""Category outputs: map generated text to one of a fixed set of labels (Ludwig's
+category extractor), for classification-style models."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+MATCHES = ("contains", "exact", "regex")
+
+
+@dataclass(frozen=True)
+class LabelRule:
+    """How generated text becomes a label.
+
+    exact: the whole text (stripped, case-insensitive) is the label; contains: the
+    label mentioned first in the text; regex: entries are `label=pattern` and the label
+    whose pattern matches first wins. `fallback` when nothing matches (else "").
+    """
+
+    labels: tuple[str, ...]
+    patterns: tuple[re.Pattern, ...]
+    match: str
+    fallback: str
+
+    @classmethod
+    def parse(cls, labels, match: str | None, fallback: str | None) -> LabelRule | None:
+        if not labels:
+            if match or fallback:
+                raise ValueError("`label_match` and `label_fallback` need `labels`.")
+            return None
+        if isinstance(labels, str):
+            raise TypeError("`labels` must be a list of strings, got a single string.")
+        match = (match or "contains").lower()
+        if match not in MATCHES:
+            raise ValueError(f"`label_match` must be one of {list(MATCHES)}, got {match!r}.")
+        names, patterns = [], []
+        for entry in labels:
+            if not isinstance(entry, str) or not entry:
+                raise ValueError(f"`labels` entries must be non-empty strings, got {entry!r}.")
+            if match == "regex":
+                name, sep, pattern = entry.partition("=")
+                if not sep or not name or not pattern:
+                    raise ValueError(
+                        f"with label_match regex, `labels` entries are label=pattern, got {entry!r}."
+                    )
+                try:
+                    patterns.append(re.compile(pattern, re.IGNORECASE))
+                except re.error as err:
+                    raise ValueError(
+                        f"`labels` pattern {pattern!r} is not a valid regex: {err}."
+                    ) from err
+                names.append(name)
+            else:
+                names.append(entry)
+        return cls(tuple(names), tuple(patterns), match, fallback or "")
+
+    def extract(self, text: str) -> str:
+        if self.match == "exact":
+            wanted = text.strip().lower()
+            return next((label for label in self.labels if label.lower() == wanted), self.fallback)
+        if self.match == "regex":
+            found = [(m.start(), i) for i, p in enumerate(self.patterns) if (m := p.search(text))]
+        else:
+            lowered = text.lower()
+            found = [(lowered.find(label.lower()), i) for i, label in enumerate(self.labels)]
+            found = [(position, i) for position, i in found if position >= 0]
+        return self.labels[min(found)[1]] if found else self.fallback
