@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import datetime
 import json
 import os
@@ -246,9 +245,6 @@ class Job(ModelTrainerFutureBase):
                     stderr=subprocess.STDOUT,
                     pass_fds=(write_end,),
                     start_new_session=True,
-                    # The worker dies with the server: a restarted server re-runs the job
-                    # instead of finding a stray worker still writing its model.
-                    preexec_fn=_die_with_parent,
                 )
             self._slot = slot
             self._attempt += 1
@@ -349,15 +345,6 @@ class Job(ModelTrainerFutureBase):
         if self._status != TrainingStatus.COMPLETED:
             raise TrainingFailed(self._reason or f"training {self.id} ended {self._status.name}")
         return caikit.load(self._save_path)
-
-
-def _die_with_parent() -> None:
-    """In the child, before exec: ask Linux to SIGKILL it when the server process dies."""
-    try:
-        libc = ctypes.CDLL("libc.so.6", use_errno=True)
-        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass  # not Linux: workers outlive a killed server; a restart then re-runs the job
 
 
 def _forget_served_model(model_id: str) -> None:

@@ -12,6 +12,8 @@ import json
 import os
 import pickle
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -24,8 +26,17 @@ def _load_class(path: str):
     return target
 
 
+def _exit_with_server(server_pid: int) -> None:
+    """The worker dies with its server: a restarted server re-runs the job instead of
+    finding a stray worker still writing its model. (Re-parenting shows the death.)"""
+    while os.getppid() == server_pid:
+        time.sleep(0.5)
+    os._exit(1)
+
+
 def main(folder: Path) -> int:
     channel = os.fdopen(int(os.environ.pop("CAIKIT_TUNING_PROGRESS_FD")), "w", buffering=1)
+    threading.Thread(target=_exit_with_server, args=(os.getppid(),), daemon=True).start()
 
     def send(message: dict) -> None:
         channel.write(json.dumps(message, default=str) + "\n")
