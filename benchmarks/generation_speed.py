@@ -15,16 +15,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
-
-import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMPTS = [
@@ -33,42 +27,6 @@ PROMPTS = [
     "To make a cup of tea, first",
     "The three primary colors are",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_runtime(workdir: Path, base_models_dir: Path) -> tuple[subprocess.Popen, int, int]:
-    grpc_port, http_port = free_port(), free_port()
-    config = {
-        "runtime": {
-            "library": "caikit_tuning",
-            "local_models_dir": str(workdir / "served"),
-            "lazy_load_local_models": True,
-            "grpc": {"port": grpc_port},
-            "http": {"port": http_port},
-            "metrics": {"enabled": False},
-        },
-        "log": {"level": "warning"},
-        "base_models_dir": str(base_models_dir),
-    }
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    log = open(workdir / "server.log", "w")  # noqa: SIM115  (lives as long as the server)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "caikit_tuning.runtime", "--config", str(workdir / "config.yaml")],
-        cwd=workdir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while "runtime ready" not in (workdir / "server.log").read_text(errors="replace"):
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit((workdir / "server.log").read_text()[-3000:])
-        time.sleep(0.2)
-    return server, grpc_port, http_port
 
 
 def timed(generate, prompts: list[str]) -> tuple[float, list[str], int]:
@@ -80,8 +38,12 @@ def timed(generate, prompts: list[str]) -> tuple[float, list[str], int]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help='a name under base_models_dir, or "tiny"')
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="SmolLM2-135M-Instruct", help='a name under base_models_dir, or "tiny"'
+    )
     parser.add_argument("--max-new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
@@ -94,7 +56,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from caikit_tuning import TextGeneration
-    from caikit_tuning.runtime.client import TuningClient
+    from caikit_tuning.runtime.process import RuntimeProcess
 
     torch.set_num_threads(args.threads)
     os.environ["OMP_NUM_THREADS"] = str(args.threads)
@@ -111,11 +73,12 @@ def main() -> None:
             name = args.model
         folder = base_dir / name
         caikit.configure(config_dict={"base_models_dir": str(base_dir)})
+        server = RuntimeProcess(workdir, base_dir, {"runtime": {"metrics": {"enabled": False}}})
         served = TextGeneration.bootstrap(str(folder), device="cpu")
-        served.save(str(workdir / "served" / "base"))
-        server, grpc_port, http_port = start_runtime(workdir, base_dir)
+        served.save(str(server.models / "base"))
+        server.start()
         try:
-            client = TuningClient(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
+            client = server.client()
             n = args.max_new_tokens
 
             def rest(prompt):
@@ -147,8 +110,7 @@ def main() -> None:
                     runs[key].append(tokens / seconds)
                     texts[key] = outputs
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=30)
+            server.stop()
 
     summary = {
         "model": name,
@@ -158,7 +120,10 @@ def main() -> None:
         "tokens_per_second": {k: round(statistics.median(v), 2) for k, v in runs.items()},
         "runs": runs,
         "texts_identical": texts["rest"] == texts["in_process"] == texts["transformers"],
-        "outputs": [{"prompt": p, "rest": r, "transformers": t} for p, r, t in zip(PROMPTS, texts["rest"], texts["transformers"], strict=True)],
+        "outputs": [
+            {"prompt": p, "rest": r, "transformers": t}
+            for p, r, t in zip(PROMPTS, texts["rest"], texts["transformers"], strict=True)
+        ],
     }
     tps = summary["tokens_per_second"]
     lines = [

@@ -14,66 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_server(workdir: Path, base_dir: Path) -> tuple[subprocess.Popen, int, int]:
-    grpc_port, http_port = free_port(), free_port()
-    config = {
-        "runtime": {
-            "library": "caikit_tuning",
-            "local_models_dir": str(workdir / "served"),
-            "lazy_load_local_models": True,
-            "lazy_load_poll_period_seconds": 1,
-            "training": {"output_dir": str(workdir / "served"), "save_with_id": False},
-            "grpc": {"port": grpc_port},
-            "http": {"port": http_port},
-            "metrics": {"enabled": False},
-        },
-        "log": {"level": "warning"},
-        "base_models_dir": str(base_dir),
-        "restrict_base_models_to_dir": True,
-        "model_management": {
-            "trainers": {
-                "default": {
-                    "type": "WORKER_POOL",
-                    "import_class": "caikit_tuning.runtime.worker_pool.WorkerPoolTrainer",
-                    "config": {"gpus": [], "cpu_slots": 1},
-                }
-            }
-        },
-    }
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    log = open(workdir / "server.log", "w")  # noqa: SIM115  (lives as long as the server)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "caikit_tuning.runtime", "--config", str(workdir / "config.yaml")],
-        cwd=workdir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    deadline = time.monotonic() + 120
-    while "runtime ready" not in (workdir / "server.log").read_text(errors="replace"):
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit((workdir / "server.log").read_text()[-3000:])
-        time.sleep(0.2)
-    return server, grpc_port, http_port
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -126,9 +72,14 @@ def hammer(call, requests: int, concurrency: int) -> dict:
 
 def training_burst(client, jobs: int) -> dict:
     """Submit `jobs` small jobs at once (one CPU slot): they queue and all complete."""
-    records = [{"input": "a fine film", "output": "positive"}, {"input": "a dull mess", "output": "negative"}] * 4
+    records = [
+        {"input": "a fine film", "output": "positive"},
+        {"input": "a dull mess", "output": "negative"},
+    ] * 4
     ids = [
-        client.train_prompt_tuning(f"burst-{i}", "tiny", records=records, num_epochs=2, batch_size=4)
+        client.train_prompt_tuning(
+            f"burst-{i}", "tiny", records=records, num_epochs=2, batch_size=4
+        )
         for i in range(jobs)
     ]
     most_queued = 0
@@ -148,7 +99,9 @@ def training_burst(client, jobs: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--concurrency", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=8)
@@ -160,22 +113,33 @@ def main() -> None:
     import caikit_tuning  # noqa: F401
     from caikit_tuning import TextGeneration
     from caikit_tuning.base_models.tiny import build_tiny_llama
-    from caikit_tuning.runtime.client import TuningClient
+    from caikit_tuning.runtime.process import RuntimeProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        build_tiny_llama(workdir / "base" / "tiny", ["a fine film", "a dull mess", "the story"] * 50)
-        TextGeneration.bootstrap(str(workdir / "base" / "tiny")).save(str(workdir / "served" / "base"))
-        server, grpc_port, http_port = start_server(workdir, workdir / "base")
+        build_tiny_llama(
+            workdir / "base" / "tiny", ["a fine film", "a dull mess", "the story"] * 50
+        )
+        server = RuntimeProcess(
+            workdir, workdir / "base", {"runtime": {"metrics": {"enabled": False}}}
+        )
+        TextGeneration.bootstrap(str(workdir / "base" / "tiny")).save(str(server.models / "base"))
+        server.start()
         try:
-            client = TuningClient(f"127.0.0.1:{grpc_port}", f"http://127.0.0.1:{http_port}")
+            client = server.client()
             n = args.new_tokens
 
             def rest(i):
-                return client.generate("base", f"request {i}", max_new_tokens=n, min_new_tokens=n)["generated_tokens"]
+                return client.generate("base", f"request {i}", max_new_tokens=n, min_new_tokens=n)[
+                    "generated_tokens"
+                ]
 
             def over_grpc(i):
-                return int(client.generate_grpc("base", f"request {i}", max_new_tokens=n, min_new_tokens=n)["generated_tokens"])
+                return int(
+                    client.generate_grpc(
+                        "base", f"request {i}", max_new_tokens=n, min_new_tokens=n
+                    )["generated_tokens"]
+                )
 
             rest(0)
             summary = {
@@ -186,8 +150,7 @@ def main() -> None:
                 "training": training_burst(client, args.jobs),
             }
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=60)
+            server.stop()
 
     rows = [
         f"| {name} | {r['requests']} | {r['concurrency']} | {r['requests_per_second']} | {r['tokens_per_second']} "

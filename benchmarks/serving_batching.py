@@ -13,25 +13,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import signal
-import socket
-import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-import yaml
-
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def make_prompt_models(base_model: str, folder: Path, count: int) -> list[str]:
@@ -62,39 +49,6 @@ def make_prompt_models(base_model: str, folder: Path, count: int) -> list[str]:
         model.save(str(folder / name))
         names.append(name)
     return names
-
-
-def start_server(workdir: Path, base_models_dir: Path, threads: int) -> tuple[subprocess.Popen, int]:
-    http_port = free_port()
-    config = {
-        "runtime": {
-            "library": "caikit_tuning",
-            "local_models_dir": str(workdir / "served"),
-            "lazy_load_local_models": True,
-            "lazy_load_poll_period_seconds": 3600,
-            "grpc": {"port": free_port()},
-            "http": {"port": http_port},
-            "metrics": {"enabled": False},
-        },
-        "log": {"level": "warning"},
-        "base_models_dir": str(base_models_dir),
-    }
-    (workdir / "config.yaml").write_text(yaml.safe_dump(config))
-    log = open(workdir / "server.log", "w")  # noqa: SIM115  (lives as long as the server)
-    env = {"OMP_NUM_THREADS": str(threads), "PATH": "/usr/bin:/bin"}
-    server = subprocess.Popen(
-        [sys.executable, "-m", "caikit_tuning.runtime", "--config", str(workdir / "config.yaml")],
-        cwd=workdir,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env=env,
-    )
-    deadline = time.monotonic() + 300
-    while "runtime ready" not in (workdir / "server.log").read_text(errors="replace"):
-        if server.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit((workdir / "server.log").read_text()[-3000:])
-        time.sleep(0.2)
-    return server, http_port
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -157,8 +111,12 @@ def rss_mb(pid: int) -> float:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="SmolLM2-135M-Instruct", help='a name under base_models_dir, or "tiny"')
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model", default="SmolLM2-135M-Instruct", help='a name under base_models_dir, or "tiny"'
+    )
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=16)
@@ -171,7 +129,7 @@ def main() -> None:
     import caikit
 
     import caikit_tuning  # noqa: F401
-    from caikit_tuning.runtime.client import TuningClient
+    from caikit_tuning.runtime.process import RuntimeProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
@@ -179,28 +137,36 @@ def main() -> None:
             from caikit_tuning.base_models.tiny import build_tiny_llama
 
             base_dir = workdir / "base"
-            build_tiny_llama(base_dir / "tiny", ["a gorgeous moving film", "a dull lifeless mess"] * 50)
+            build_tiny_llama(
+                base_dir / "tiny", ["a gorgeous moving film", "a dull lifeless mess"] * 50
+            )
             name = "tiny"
         else:
             base_dir = (ROOT / caikit.get_config().base_models_dir).resolve()
             name = args.model
         caikit.configure(config_dict={"base_models_dir": str(base_dir)})
-        models = make_prompt_models(name, workdir / "served", max(args.models, 4))
-        server, http_port = start_server(workdir, base_dir, args.threads)
+        server = RuntimeProcess(
+            workdir,
+            base_dir,
+            {"runtime": {"metrics": {"enabled": False}, "lazy_load_poll_period_seconds": 3600}},
+        )
+        models = make_prompt_models(name, server.models, max(args.models, 4))
+        server.start(timeout=300, env={"OMP_NUM_THREADS": str(args.threads)})
         try:
-            client = TuningClient("127.0.0.1:1", f"http://127.0.0.1:{http_port}")
+            client = server.client()
             client.generate(models[0], "warm-up", max_new_tokens=2)
-            rss_one = rss_mb(server.pid)
+            rss_one = rss_mb(server.process.pid)
             for model in models[:4]:
                 client.generate(model, "warm-up", max_new_tokens=2)
             sequential = load_phase(client, models[:4], args.requests, 1, args.new_tokens)
-            concurrent = load_phase(client, models[:4], args.requests, args.clients, args.new_tokens)
+            concurrent = load_phase(
+                client, models[:4], args.requests, args.clients, args.new_tokens
+            )
             for model in models:
                 client.generate(model, "load", max_new_tokens=1)
-            rss_all = rss_mb(server.pid)
+            rss_all = rss_mb(server.process.pid)
         finally:
-            server.send_signal(signal.SIGTERM)
-            server.wait(timeout=60)
+            server.stop()
 
     summary = {
         "model": name,
@@ -208,7 +174,9 @@ def main() -> None:
         "threads": args.threads,
         "sequential": sequential,
         "concurrent": concurrent,
-        "throughput_ratio": round(concurrent["tokens_per_second"] / sequential["tokens_per_second"], 2),
+        "throughput_ratio": round(
+            concurrent["tokens_per_second"] / sequential["tokens_per_second"], 2
+        ),
         "rss_mb_one_prompt_model": round(rss_one, 1),
         f"rss_mb_{len(models)}_prompt_models": round(rss_all, 1),
         "memory_ratio": round(rss_all / rss_one, 3),
@@ -223,7 +191,10 @@ def main() -> None:
         "| --- | --- | --- | --- | --- |",
         *(
             f"| {label} | {phase['tokens_per_second']} | {phase['p50_latency_s']} | {phase['p99_latency_s']} | {phase['errors']} |"
-            for label, phase in (("sequential (1 client)", sequential), (f"concurrent ({args.clients} clients)", concurrent))
+            for label, phase in (
+                ("sequential (1 client)", sequential),
+                (f"concurrent ({args.clients} clients)", concurrent),
+            )
         ),
         "",
         f"Concurrent / sequential throughput: **{summary['throughput_ratio']}x**.",

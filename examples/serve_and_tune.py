@@ -14,20 +14,15 @@ import argparse
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
+from caikit_tuning.runtime.process import free_port
+
 ROOT = Path(__file__).resolve().parent.parent
 VERBALIZER = "Review: {{input}}\nIs this review positive or negative? Answer:"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def read_jsonl(path: Path) -> list[dict]:

@@ -67,15 +67,26 @@ def test_in_context_model_and_labels_over_rest(runtime, client):
 
     from caikit_tuning import InContextLearning
 
-    rows = [{"input": "a wonderful film", "output": "positive"}, {"input": "a dull mess", "output": "negative"}]
+    rows = [
+        {"input": "a wonderful film", "output": "positive"},
+        {"input": "a dull mess", "output": "negative"},
+    ]
     model = InContextLearning.train(
-        "tiny-llama", DataStream.from_iterable(rows), task_description="Sentiment?", verbalizer="{{input}} =>", num_examples=2
+        "tiny-llama",
+        DataStream.from_iterable(rows),
+        task_description="Sentiment?",
+        verbalizer="{{input}} =>",
+        num_examples=2,
     )
     model.save(str(runtime.models / "few-shot"))
     local = model.run("a fine film", max_new_tokens=4, min_new_tokens=4).generated_text
     remote = client.generate("few-shot", "a fine film", max_new_tokens=4, min_new_tokens=4)
     assert remote["generated_text"] == local
     labelled = client.generate(
-        "few-shot", "a fine film", max_new_tokens=4, labels=["positive", "negative"], label_fallback="unsure"
+        "few-shot",
+        "a fine film",
+        max_new_tokens=4,
+        labels=["positive", "negative"],
+        label_fallback="unsure",
     )
     assert labelled["generated_text"] in ("positive", "negative", "unsure")
