@@ -246,7 +246,9 @@ def fit(
     )
     if training.gradient_checkpointing:
         enable({"use_reentrant": False})
-    tracker = Tracker({**training.to_config(), "base_model": str(plan.located.source)})
+    tracker = Tracker(
+        {**training.to_config(), "base_model": str(plan.located.source)}, enabled=world().is_main
+    )
 
     def loss_fn(batch: Batch) -> torch.Tensor:
         noise = training.neftune_noise_alpha if base.model.training else None

@@ -16,6 +16,10 @@ from typing import Any
 import alog
 import caikit
 from caikit.core.data_model import DataStream, TrainingStatus
+from caikit.core.exceptions.caikit_core_exception import (
+    CaikitCoreException,
+    CaikitCoreStatusCode,
+)
 from caikit.core.model_management.job_base import JobInfo
 from caikit.core.model_management.model_trainer_base import ModelTrainerFutureBase
 
@@ -106,6 +110,29 @@ class JobRequest:
                 handle,
             )
         return folder
+
+
+def build_request(module_class, args, kwargs, save_path, save_with_id, model_name) -> JobRequest:
+    """Validate a train call now, so a bad request fails at submission, not in a job."""
+    if args:
+        raise ValueError("training arguments must be passed by name.")
+    try:
+        return JobRequest.build(module_class, kwargs, save_path, save_with_id, model_name)
+    except (ValueError, TypeError) as err:
+        # Both transports map this to INVALID_ARGUMENT / HTTP 400, with our message.
+        raise CaikitCoreException(CaikitCoreStatusCode.INVALID_ARGUMENT, str(err)) from err
+
+
+def job_info(status, reason, progress, submitted, completed) -> JobInfo:
+    """A job's status with its reason (ERRORED, CANCELED) or its progress note."""
+    errors = None
+    if status == TrainingStatus.ERRORED or (status == TrainingStatus.CANCELED and reason):
+        errors = [TrainingFailed(reason)]
+    elif status in (TrainingStatus.RUNNING, TrainingStatus.QUEUED) and progress:
+        errors = [TrainingProgress(progress)]
+    return JobInfo(
+        status=status, errors=errors, submission_time=submitted, completion_time=completed
+    )
 
 
 class Job(ModelTrainerFutureBase):
@@ -265,7 +292,7 @@ class Job(ModelTrainerFutureBase):
                 except json.JSONDecodeError:
                     continue
                 if message.get("event") == "progress":
-                    self._progress = _describe_progress(message)
+                    self._progress = describe_progress(message)
                 elif message.get("event") in ("done", "error"):
                     result = message
         code = self._process.wait()
@@ -274,7 +301,7 @@ class Job(ModelTrainerFutureBase):
             if self._status == TrainingStatus.CANCELED:
                 self._finish_locked(TrainingStatus.CANCELED, self._reason)
             elif result and result["event"] == "done" and code == 0:
-                _forget_served_model(self.model_name)
+                forget_served_model(self.model_name)
                 self._finish_locked(TrainingStatus.COMPLETED, None)
             elif result and result["event"] == "error":
                 self._finish_locked(TrainingStatus.ERRORED, result["message"])
@@ -309,18 +336,8 @@ class Job(ModelTrainerFutureBase):
     # ------------------------------------------------------------- interface
 
     def get_info(self) -> JobInfo:
-        errors = None
-        if self._status == TrainingStatus.ERRORED:
-            errors = [TrainingFailed(self._reason)]
-        elif self._status in (TrainingStatus.RUNNING, TrainingStatus.QUEUED) and self._progress:
-            errors = [TrainingProgress(self._progress)]
-        elif self._status == TrainingStatus.CANCELED and self._reason:
-            errors = [TrainingFailed(self._reason)]
-        return JobInfo(
-            status=self._status,
-            errors=errors,
-            submission_time=self._submitted,
-            completion_time=self._completed,
+        return job_info(
+            self._status, self._reason, self._progress, self._submitted, self._completed
         )
 
     def cancel(self) -> None:
@@ -347,7 +364,7 @@ class Job(ModelTrainerFutureBase):
         return caikit.load(self._save_path)
 
 
-def _forget_served_model(model_id: str) -> None:
+def forget_served_model(model_id: str) -> None:
     """A retrained model replaces its folder; drop the old copy from memory so the next
     request loads the new one."""
     from caikit.runtime.model_management.model_manager import ModelManager
@@ -368,7 +385,7 @@ def _terminate(process: subprocess.Popen, grace: float) -> None:
         pass
 
 
-def _describe_progress(message: dict) -> str:
+def describe_progress(message: dict) -> str:
     loss = message.get("loss")
     loss_text = f", loss {loss:.4f}" if isinstance(loss, (int, float)) else ""
     return (

@@ -7,23 +7,13 @@ file descriptor the server passed in CAIKIT_TUNING_PROGRESS_FD.
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
-import pickle
 import sys
 import threading
 import time
 import traceback
 from pathlib import Path
-
-
-def _load_class(path: str):
-    module_name, _, qualname = path.partition(":")
-    target = importlib.import_module(module_name)
-    for part in qualname.split("."):
-        target = getattr(target, part)
-    return target
 
 
 def _exit_with_server(server_pid: int) -> None:
@@ -43,21 +33,9 @@ def main(folder: Path) -> int:
 
     try:
         import caikit_tuning  # noqa: F401  (configures caikit, registers modules)
-        from caikit_tuning.runtime.jobs import CHECKPOINTS_FOLDER, REQUEST_FILE
-        from caikit_tuning.training import checkpointing
-        from caikit_tuning.training.progress import progress_sink
-        from caikit_tuning.training.tracking import run_name
+        from caikit_tuning.runtime.job_runner import run_job
 
-        with open(folder / REQUEST_FILE, "rb") as handle:
-            request = pickle.load(handle)  # written by this job's own server
-        module_class = _load_class(request["module"])
-        with (
-            progress_sink(lambda entry: send({"event": "progress", **entry})),
-            checkpointing(folder / CHECKPOINTS_FOLDER),
-            run_name(request["model_name"]),
-        ):
-            model = module_class.train(**request["kwargs"])
-        model.save(request["save_path"])
+        run_job(folder, lambda entry: send({"event": "progress", **entry}))
     except BaseException as err:  # noqa: BLE001  (report every failure to the server)
         traceback.print_exc()
         send({"event": "error", "message": f"{type(err).__name__}: {err}"})

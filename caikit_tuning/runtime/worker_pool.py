@@ -39,7 +39,7 @@ from caikit.core.exceptions.caikit_core_exception import (
 )
 from caikit.core.model_management.model_trainer_base import ModelTrainerBase
 
-from .jobs import JOBS_FOLDER, Job, JobRequest
+from .jobs import JOBS_FOLDER, Job, build_request
 
 log = alog.use_channel("WORKERS")
 
@@ -148,13 +148,7 @@ class WorkerPoolTrainer(ModelTrainerBase):
         model_name: str | None = None,
         **kwargs,
     ) -> Job:
-        if args:
-            raise ValueError("training arguments must be passed by name.")
-        try:
-            request = JobRequest.build(module_class, kwargs, save_path, save_with_id, model_name)
-        except (ValueError, TypeError) as err:
-            # Both transports map this to INVALID_ARGUMENT / HTTP 400, with our message.
-            raise CaikitCoreException(CaikitCoreStatusCode.INVALID_ARGUMENT, str(err)) from err
+        request = build_request(module_class, args, kwargs, save_path, save_with_id, model_name)
         job = Job.submitted(
             self._instance_name,
             external_training_id or str(uuid.uuid4()),

@@ -41,11 +41,12 @@ def _mlflow_config() -> dict:
 class Tracker:
     """Logs one training run; a no-op unless MLflow tracking is configured."""
 
-    def __init__(self, params: dict[str, Any]):
+    def __init__(self, params: dict[str, Any], enabled: bool = True):
+        """`enabled` False (a data-parallel process other than rank 0): log nothing."""
         self.run_id: str | None = None
         config = _mlflow_config()
         uri = config.get("tracking_uri")
-        if not uri:
+        if not uri or not enabled:
             self._client = None
             return
         try:
