@@ -3,6 +3,7 @@
 from .batching import (
     Batch,
     collate_causal,
+    collate_packed,
     collate_seq2seq,
     collator_for,
     length_grouped_batches,
@@ -18,6 +19,7 @@ __all__ = [
     "build_examples",
     "Verbalizer",
     "collate_causal",
+    "collate_packed",
     "collate_seq2seq",
     "collator_for",
     "check_fields",

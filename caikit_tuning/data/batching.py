@@ -1,4 +1,5 @@
-"""Batches of similar length, padded per batch, never to a fixed size."""
+"""Micro-batches: packed into one row without padding (causal LMs), or padded per batch
+(never to a fixed size), optionally of similar lengths."""
 
 from __future__ import annotations
 
@@ -49,7 +50,12 @@ class Batch:
     target_positions: torch.Tensor | None = None  # (batch, n_targets), causal only
     decoder_input_ids: torch.Tensor | None = None  # (batch, n_targets), seq2seq only
     decoder_attention_mask: torch.Tensor | None = None
-    task_ids: torch.Tensor | None = None  # (batch,)
+    task_ids: torch.Tensor | None = None  # (batch,) or, packed, (segments,)
+    # Packed (causal LMs): every example of the micro-batch in one row, no padding;
+    # `segment_lengths` are their lengths and `target_segments` says whose target is
+    # whose (the loss puts each example's own soft prompt before it).
+    segment_lengths: list[int] | None = None
+    target_segments: torch.Tensor | None = None  # (1, n_targets)
     num_target_tokens: int = 0
     num_real_tokens: int = 0
     num_padded_tokens: int = 0
@@ -66,6 +72,8 @@ class Batch:
             decoder_input_ids=move(self.decoder_input_ids),
             decoder_attention_mask=move(self.decoder_attention_mask),
             task_ids=move(self.task_ids),
+            segment_lengths=self.segment_lengths,
+            target_segments=move(self.target_segments),
             num_target_tokens=self.num_target_tokens,
             num_real_tokens=self.num_real_tokens,
             num_padded_tokens=self.num_padded_tokens,
@@ -105,6 +113,33 @@ def collate_causal(examples: list[Example], pad_id: int) -> Batch:
     )
 
 
+def collate_packed(examples: list[Example]) -> Batch:
+    """All examples in one row, back to back: no padding at all. Attention stays within
+    each example (the model sees position ids restart at every example)."""
+    rows = [ex.source_ids + ex.target_ids for ex in examples]
+    positions, targets, segments, offset = [], [], [], 0
+    for index, ex in enumerate(examples):
+        own = [i - 1 for i in ex.source_targets] + list(
+            range(len(ex.source_ids) - 1, len(ex.source_ids) - 1 + len(ex.target_ids))
+        )
+        positions += [offset + p for p in own]
+        targets += [ex.source_ids[i] for i in ex.source_targets] + ex.target_ids
+        segments += [index] * len(own)
+        offset += len(rows[index])
+    return Batch(
+        input_ids=torch.tensor([[token for row in rows for token in row]]),  # (1, total)
+        attention_mask=torch.ones(1, offset, dtype=torch.long),
+        target_ids=torch.tensor([targets]),
+        target_positions=torch.tensor([positions]),
+        task_ids=torch.tensor([ex.task for ex in examples]),
+        segment_lengths=[len(row) for row in rows],
+        target_segments=torch.tensor([segments]),
+        num_target_tokens=len(targets),
+        num_real_tokens=offset,
+        num_padded_tokens=0,
+    )
+
+
 def collate_seq2seq(examples: list[Example], pad_id: int, decoder_start_id: int) -> Batch:
     if any(ex.source_targets for ex in examples):
         raise ValueError("learning source tokens (chat turns) needs a causal LM.")
@@ -126,9 +161,13 @@ def collate_seq2seq(examples: list[Example], pad_id: int, decoder_start_id: int)
     )
 
 
-def collator_for(is_encoder_decoder: bool, pad_id: int, decoder_start_id: int | None):
-    """The collate function for a model kind."""
+def collator_for(
+    is_encoder_decoder: bool, pad_id: int, decoder_start_id: int | None, packing: bool = False
+):
+    """The collate function for a model kind: causal LMs pack or pad, seq2seq pads."""
     if not is_encoder_decoder:
+        if packing:
+            return collate_packed
         return lambda examples: collate_causal(examples, pad_id)
     if decoder_start_id is None:
         raise ValueError("the encoder-decoder model's config has no decoder_start_token_id.")

@@ -270,6 +270,7 @@ def fit(
                     base.is_encoder_decoder,
                     base.tokenizer.pad_token_id,
                     getattr(base.model.config, "decoder_start_token_id", None),
+                    training.packing,
                 ),
                 settings=training,
                 device=plan.device,

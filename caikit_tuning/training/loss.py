@@ -31,6 +31,8 @@ def summed_token_loss(
     """
     if model.config.is_encoder_decoder:
         return _seq2seq_loss(model, batch, prefix, noise_alpha)
+    if batch.segment_lengths is not None:
+        return _packed_causal_loss(model, batch, prefix, noise_alpha)
     return _causal_loss(model, batch, prefix, noise_alpha)
 
 
@@ -59,14 +61,51 @@ def _causal_loss(
     # Project only the positions that predict a target token onto the vocabulary:
     # for short answers that skips almost all of the LM head's work.
     positions = batch.target_positions + PromptPrefix.length(prefix.decoder)  # (batch, n_targets)
+    return _target_loss(model, batch, positions, inputs_embeds=embeds, attention_mask=mask)
+
+
+def _target_loss(
+    model: PreTrainedModel, batch: Batch, positions: torch.Tensor, **inputs
+) -> torch.Tensor:
+    """Cross-entropy of the targets, projecting only `positions` (batch, n_targets) onto
+    the vocabulary: for short answers that skips almost all of the LM head's work."""
     if _accepts_logits_to_keep(model):
-        logits = model(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=positions).logits
+        logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
     else:
-        full = model(inputs_embeds=embeds, attention_mask=mask).logits  # (batch, seq, vocab)
+        full = model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
         logits = torch.take_along_dim(full, positions[..., None], dim=1)
     # logits: (batch, n_targets, vocab)
     return F.cross_entropy(
         logits.flatten(0, 1).float(), batch.target_ids.flatten(), ignore_index=-100, reduction="sum"
+    )
+
+
+def _packed_causal_loss(
+    model: PreTrainedModel, batch: Batch, prefix: PromptPrefix, noise_alpha: float | None
+) -> torch.Tensor:
+    """One row holding every example, each behind its own copy of the soft prompt, with
+    position ids restarting per example: transformers then masks attention to stay
+    within each example (no attention mask, no cache), so nothing is padding."""
+    embeds = model.get_input_embeddings()(batch.input_ids)[0]  # (total, hidden)
+    vectors = prefix.decoder  # None, (virtual, hidden) or (segments, virtual, hidden)
+    virtual = PromptPrefix.length(vectors)
+    add_noise = _neftune(noise_alpha)
+    pieces, position_ids, start = [], [], 0
+    for index, length in enumerate(batch.segment_lengths):
+        tokens = embeds[start : start + length]
+        if add_noise is not None:
+            tokens = add_noise(tokens[None], torch.ones(1, length, device=tokens.device))[0]
+        if virtual:
+            own = vectors if vectors.dim() == 2 else vectors[index]
+            pieces.append(own.to(tokens.dtype))
+        pieces.append(tokens)
+        position_ids.append(torch.arange(virtual + length, device=tokens.device))
+        start += length
+    packed = torch.cat(pieces)[None]  # (1, total + segments * virtual, hidden)
+    # Each example's targets move right by the prompts before it, its own included.
+    positions = batch.target_positions + virtual * (batch.target_segments + 1)
+    return _target_loss(
+        model, batch, positions, inputs_embeds=packed, position_ids=torch.cat(position_ids)[None]
     )
 
 
@@ -84,6 +123,7 @@ def _seq2seq_loss(
         attention_mask=encoder_mask,
         decoder_inputs_embeds=decoder_embeds,
         decoder_attention_mask=decoder_mask,
+        use_cache=False,
     ).logits  # (batch, virtual + n_targets, vocab)
     logits = logits[:, PromptPrefix.length(prefix.decoder) :]
     return F.cross_entropy(

@@ -90,7 +90,7 @@ def test_early_stopping_keeps_the_best_weights(base_models_dir):
         base.model,
         lambda batch: summed_token_loss(base.model, batch, model.prompt.prefix()),
         examples,
-        collator_for(False, base.tokenizer.pad_token_id, None),
+        collator_for(False, base.tokenizer.pad_token_id, None, packing=True),
         4,
         torch.device("cpu"),
         torch.autocast("cpu", dtype=torch.bfloat16)
