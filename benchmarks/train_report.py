@@ -1,0 +1,74 @@
+"""Medians, ratios and the markdown table of benchmarks/train_throughput.py."""
+
+from __future__ import annotations
+
+import statistics
+
+
+def summarize(runs: dict[str, list[dict]], peaks: dict, config: dict) -> dict:
+    summary: dict = {
+        "config": {k: v for k, v in config.items() if not k.endswith("_rows")},
+        "matmul_peak_gflops": peaks,
+    }
+    for variant, results in runs.items():
+        tokens_per_s = [r["real_tokens"] / r["train_seconds"] for r in results]
+        useful = [
+            4 * r["parameters"] * r["real_tokens"] / r["train_seconds"] / 1e9 for r in results
+        ]
+        summary[variant] = {
+            "runs": results,
+            "tokens_per_second": round(statistics.median(tokens_per_s), 1),
+            "padding_fraction": round(
+                statistics.median(
+                    r["padded_tokens"] / (r["padded_tokens"] + r["real_tokens"]) for r in results
+                ),
+                4,
+            ),
+            "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in results), 1),
+            "seconds_to_first_step": round(
+                statistics.median(r["wall_seconds_to_first_step"] for r in results), 2
+            ),
+            "final_loss": round(statistics.median(r["final_loss"] for r in results), 4),
+            "heldout_loss": round(statistics.median(r["heldout_loss"] for r in results), 4),
+            "useful_gflops": round(statistics.median(useful), 1),
+            "useful_fraction_of_bf16_peak": round(statistics.median(useful) / peaks["bfloat16"], 3),
+            "useful_fraction_of_fp32_peak": round(statistics.median(useful) / peaks["float32"], 3),
+        }
+    project, baseline = summary["project"], summary["baseline"]
+    summary["ratios"] = {
+        key: round(project[key] / baseline[key], 3)
+        for key in (
+            "tokens_per_second",
+            "peak_rss_mb",
+            "seconds_to_first_step",
+            "final_loss",
+            "heldout_loss",
+        )
+        if baseline[key]
+    }
+    return summary
+
+
+def markdown(summary: dict, title: str) -> str:
+    p, b, r = summary["project"], summary["baseline"], summary["ratios"]
+    c = summary["config"]
+    lines = [
+        f"# {title}",
+        "",
+        f"Model `{c['model']}`, {c['steps']} steps x batch {c['batch_size']}, lr {c['learning_rate']}, "
+        f"{c['num_virtual_tokens']} virtual tokens, {c['threads']} threads, median of {c['repeats']} runs. "
+        f"torch.mm peak: {summary['matmul_peak_gflops']} GFLOP/s.",
+        "",
+        "| metric | caikit_tuning | baseline (Trainer + peft) | ratio |",
+        "| --- | --- | --- | --- |",
+        f"| train tokens/s (real tokens) | {p['tokens_per_second']} | {b['tokens_per_second']} | {r['tokens_per_second']} |",
+        f"| padding share of processed positions | {p['padding_fraction']:.1%} | {b['padding_fraction']:.1%} | |",
+        f"| peak RSS (MB) | {p['peak_rss_mb']} | {b['peak_rss_mb']} | {r['peak_rss_mb']} |",
+        f"| seconds to first step | {p['seconds_to_first_step']} | {b['seconds_to_first_step']} | {r['seconds_to_first_step']} |",
+        f"| final train loss (last 10 steps) | {p['final_loss']} | {b['final_loss']} | {r['final_loss']} |",
+        f"| held-out loss | {p['heldout_loss']} | {b['heldout_loss']} | {r['heldout_loss']} |",
+        f"| useful GFLOP/s | {p['useful_gflops']} | {b['useful_gflops']} | |",
+        f"| share of bf16 matmul peak | {p['useful_fraction_of_bf16_peak']:.1%} | {b['useful_fraction_of_bf16_peak']:.1%} | |",
+        "",
+    ]
+    return "\n".join(lines)
