@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -26,6 +27,15 @@ class PromptPrefix:
 
 
 NO_PREFIX = PromptPrefix()
+
+
+def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
+    """Whether the model's forward can project only some positions onto the vocabulary."""
+    # A PeftModel forward takes **kwargs and hands them on: ask the model it wraps.
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    forward = getattr(model, "forward", None)
+    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def embed_with_prefix(

@@ -28,7 +28,7 @@ from grpc import StatusCode
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from ..base_models.prefix import PromptPrefix, embed_with_prefix
+from ..base_models.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
 from .settings import GenerationSettings
 from .stream import PreparedPrompt, RequestDecoder, TokenEvent
 
@@ -113,6 +113,7 @@ class BatchingEngine:
         self._mask: torch.Tensor | None = None  # (rows, cache length)
         self.steps = 0
         self.max_rows_seen = 0
+        self._last_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         self._closed = False
         _ENGINES.add(self)
 
@@ -187,9 +188,8 @@ class BatchingEngine:
                 admitted = []
                 while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
                     admitted.append(self._waiting.popleft())
-            for request in admitted:
-                if not request.cancelled.is_set():
-                    self._guarded(self._admit, request)
+            if admitted:
+                self._guarded(self._admit, admitted)
             if self._rows:
                 self._guarded(self._step)
 
@@ -198,39 +198,68 @@ class BatchingEngine:
             work(*args)
         except Exception as err:  # noqa: BLE001  (fail the requests, keep the engine)
             log.error("batched decoding failed: %s", err, exc_info=True)
-            failed = [row.request for row in self._rows] + [
-                a for a in args if isinstance(a, _Request)
-            ]
+            failed = [row.request for row in self._rows] + [r for a in args for r in a]
             for request in failed:
                 request.events.put(err)
             self._rows, self._cache, self._mask = [], None, None
 
     @torch.inference_mode()
-    def _admit(self, request: _Request) -> None:
-        """Prefill one request alone, then merge its cache into the batch."""
-        ids = torch.tensor([request.ids], device=self.device)  # (1, seq_len)
-        embeds, mask = embed_with_prefix(self.model, ids, None, request.prefix.decoder)
-        out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
-        event = request.decoder.advance(out.logits[0, -1].float().cpu())
-        request.events.put(event)
-        if request.decoder.finished:
+    def _admit(self, requests: list[_Request]) -> None:
+        """Prefill the newly admitted requests together (left-padded, each behind its own
+        soft prompt), answer their first tokens, and merge their caches into the batch."""
+        requests = [r for r in requests if not r.cancelled.is_set()]
+        if not requests:
             return
-        self._merge(
-            out.cache, mask, _Row(request, position=mask.shape[1], last_token=event.token_id)
+        pieces = []
+        for request in requests:
+            ids = torch.tensor([request.ids], device=self.device)  # (1, seq_len)
+            embeds, _ = embed_with_prefix(self.model, ids, None, request.prefix.decoder)
+            pieces.append(embeds[0])  # (virtual + seq_len, hidden)
+        width = max(piece.shape[0] for piece in pieces)
+        embeds = pieces[0].new_zeros(len(pieces), width, pieces[0].shape[1])
+        mask = torch.zeros(len(pieces), width, dtype=torch.long, device=self.device)
+        for index, piece in enumerate(pieces):
+            embeds[index, width - piece.shape[0] :] = piece
+            mask[index, width - piece.shape[0] :] = 1
+        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its start
+        out = self.model(
+            inputs_embeds=embeds,
+            attention_mask=mask,
+            position_ids=positions,
+            use_cache=True,
+            **self._last_logits,
         )
+        logits = out.logits[:, -1].float().cpu()  # (requests, vocab)
+        keep, rows = [], []
+        for index, request in enumerate(requests):
+            event = request.decoder.advance(logits[index])
+            request.events.put(event)
+            if not request.decoder.finished:
+                keep.append(index)
+                rows.append(
+                    _Row(request, position=int(mask[index].sum()), last_token=event.token_id)
+                )
+        if keep:
+            select = torch.tensor(keep, device=self.device)
+            for layer in out.cache.layers:
+                layer.keys = layer.keys.index_select(0, select)
+                layer.values = layer.values.index_select(0, select)
+            self._merge(out.cache, mask.index_select(0, select), rows)
 
-    def _merge(self, cache: DynamicCache, mask: torch.Tensor, row: _Row) -> None:
+    def _merge(self, cache: DynamicCache, mask: torch.Tensor, rows: list[_Row]) -> None:
+        """Append rows (their cache and mask) to the running batch, left-padding the
+        shorter side so every row ends at the same column."""
         if not self._rows:
-            self._cache, self._mask, self._rows = cache, mask, [row]
-            return
-        width = max(self._mask.shape[1], mask.shape[1])
-        for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-            mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-            mine.values = torch.cat(
-                [_left_pad(mine.values, width), _left_pad(theirs.values, width)]
-            )
-        self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
-        self._rows.append(row)
+            self._cache, self._mask, self._rows = cache, mask, list(rows)
+        else:
+            width = max(self._mask.shape[1], mask.shape[1])
+            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
+                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
+                mine.values = torch.cat(
+                    [_left_pad(mine.values, width), _left_pad(theirs.values, width)]
+                )
+            self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
+            self._rows.extend(rows)
         self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
 
     @torch.inference_mode()

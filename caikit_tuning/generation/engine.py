@@ -6,19 +6,10 @@ into next-token logits, keeping the KV cache between steps.
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 from transformers import PreTrainedModel
 
-from ..base_models.prefix import PromptPrefix, embed_with_prefix
-
-
-def _accepts_logits_to_keep(model: PreTrainedModel) -> bool:
-    # A PeftModel forward takes **kwargs and hands them on: ask the model it wraps.
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    return "logits_to_keep" in inspect.signature(model.forward).parameters
+from ..base_models.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
 
 
 class DecodingSession:
@@ -34,7 +25,7 @@ class DecodingSession:
         self._encoder_outputs = None
         self._mask: torch.Tensor | None = None  # (1, seq_len so far), causal only
         self._encoder_mask: torch.Tensor | None = None
-        self._keep_last = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+        self._keep_last = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
 
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:

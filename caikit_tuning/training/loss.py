@@ -2,22 +2,12 @@
 
 from __future__ import annotations
 
-import inspect
-
 import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ..base_models.prefix import PromptPrefix, embed_with_prefix
+from ..base_models.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
 from ..data.batching import Batch
-
-
-def _accepts_logits_to_keep(model: torch.nn.Module) -> bool:
-    # A PeftModel forward takes **kwargs and hands them on: ask the model it wraps.
-    if hasattr(model, "get_base_model"):
-        model = model.get_base_model()
-    forward = getattr(model, "forward", None)
-    return forward is not None and "logits_to_keep" in inspect.signature(forward).parameters
 
 
 def summed_token_loss(
@@ -69,7 +59,7 @@ def _target_loss(
 ) -> torch.Tensor:
     """Cross-entropy of the targets, projecting only `positions` (batch, n_targets) onto
     the vocabulary: for short answers that skips almost all of the LM head's work."""
-    if _accepts_logits_to_keep(model):
+    if accepts_logits_to_keep(model):
         logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
     else:
         full = model(**inputs, use_cache=False).logits  # (batch, seq, vocab)
