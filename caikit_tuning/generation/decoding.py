@@ -60,10 +60,10 @@ class TokenChooser:
         Returns the token and, when asked for, its log-probability and rank under the
         model's own distribution.
         """
-        ids = torch.tensor([sequence], dtype=torch.long)  # (1, seq_len)
-        scores = (
-            self.processors(ids, logits.unsqueeze(0).cpu())[0] if self.processors else logits.cpu()
-        )
+        scores = logits.cpu()
+        if self.processors:
+            ids = torch.tensor([sequence], dtype=torch.long)  # (1, seq_len)
+            scores = self.processors(ids, scores.unsqueeze(0))[0]
         if self.sampling:
             probs = torch.softmax(scores, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))
