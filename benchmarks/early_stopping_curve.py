@@ -61,6 +61,7 @@ def main() -> None:
         shutil.rmtree(out)
     model.save(str(out / "model"))
     shutil.copy(out / "model" / "training_curve.png", out / "training_curve.png")
+    shutil.copy(out / "model" / "training_logs.jsonl", out / "training_logs.jsonl")
     validations = [e for e in model.training_logs if "validation_loss" in e]
     summary = {
         "steps": model.training_config["steps"],

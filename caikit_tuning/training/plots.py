@@ -26,7 +26,9 @@ def write_loss_curve(logs: list[dict], path: Path, title: str = "") -> bool:
             best[0], color="gray", linestyle=":", label=f"best validation (step {best[0]})"
         )
     axes.set_xlabel("optimizer step")
-    axes.set_ylabel("loss per target token")
+    # Log scale: the first steps' loss would otherwise flatten everything after them.
+    axes.set_yscale("log")
+    axes.set_ylabel("loss per target token (log scale)")
     axes.set_title(title or "training")
     axes.grid(alpha=0.3)
     axes.legend()
