@@ -19,12 +19,9 @@ import threading
 import time
 from pathlib import Path
 
+from stats import percentile  # noqa: E402  (next to this script)
+
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values) or [0.0]
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def hammer(call, requests: int, concurrency: int) -> dict:

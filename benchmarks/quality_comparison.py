@@ -25,17 +25,6 @@ DESCRIPTION = "Classify the sentiment of each movie review as positive or negati
 LABELS = ["positive", "negative"]
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def balanced(rows: list[dict], count: int) -> list[dict]:
-    pos = [r for r in rows if r["output"] == "positive"][: count // 2]
-    neg = [r for r in rows if r["output"] == "negative"][: count // 2]
-    return [row for pair in zip(pos, neg, strict=False) for row in pair]
-
-
 def variants(args, train_rows):
     """name -> a function building the model (and its training seconds/tokens)."""
     from caikit.core.data_model import DataStream
@@ -121,12 +110,15 @@ def main() -> None:
 
     import caikit_tuning  # noqa: F401
     from caikit_tuning.base_models.smollm2 import prepare_smollm2
-    from caikit_tuning.modules.evaluation import evaluate
+    from caikit_tuning.data import read_records_file
+    from caikit_tuning.modules.evaluation import balanced, evaluate
 
     args.base_models_dir = ROOT / caikit.get_config().base_models_dir
     prepare_smollm2(args.base_models_dir)
-    train_rows = read_jsonl(ROOT / "data" / "rt_sentiment_train.jsonl")
-    test_rows = balanced(read_jsonl(ROOT / "data" / "rt_sentiment_test.jsonl"), args.eval_rows)
+    train_rows = read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl")
+    test_rows = balanced(
+        read_records_file(ROOT / "data" / "rt_sentiment_test.jsonl"), args.eval_rows
+    )
     results = {}
     for name, build in variants(args, train_rows).items():
         if args.only and name not in args.only:

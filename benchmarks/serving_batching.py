@@ -18,6 +18,8 @@ import threading
 import time
 from pathlib import Path
 
+from stats import percentile  # noqa: E402  (next to this script)
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -49,11 +51,6 @@ def make_prompt_models(base_model: str, folder: Path, count: int) -> list[str]:
         model.save(str(folder / name))
         names.append(name)
     return names
-
-
-def percentile(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
 def load_phase(client, models: list[str], requests: int, clients: int, tokens: int) -> dict:

@@ -38,11 +38,6 @@ VERBALIZER = "Review: {{input}}\nIs this review positive or negative? Answer:"
 # --------------------------------------------------------------------- shared
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -261,11 +256,12 @@ def resolve_model(name: str, workdir: Path) -> tuple[str, str]:
     import caikit
 
     import caikit_tuning  # noqa: F401
+    from caikit_tuning.data import read_records_file
 
     if name == "tiny":
         from caikit_tuning.base_models.tiny import build_tiny_llama
 
-        rows = read_jsonl(ROOT / "data" / "rt_sentiment_train.jsonl")
+        rows = read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl")
         folder = build_tiny_llama(workdir / "tiny-llama", [r["input"] for r in rows[:1500]])
         return str(folder), str(folder)
     folder = Path(caikit.get_config().base_models_dir) / name
@@ -308,12 +304,15 @@ def main() -> None:
         print("RESULT " + json.dumps(WORKERS[args.worker](config)), flush=True)
         return
 
+    # Only here, in the orchestrator: the baseline's worker must not import the project.
+    from caikit_tuning.data import read_records_file
+
     with tempfile.TemporaryDirectory() as workdir:
         model, folder = resolve_model(args.model, Path(workdir))
-        train = read_jsonl(ROOT / "data" / "rt_sentiment_train.jsonl")[
+        train = read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl")[
             : args.steps * args.batch_size
         ]
-        test = read_jsonl(ROOT / "data" / "rt_sentiment_test.jsonl")[: args.eval_rows]
+        test = read_records_file(ROOT / "data" / "rt_sentiment_test.jsonl")[: args.eval_rows]
         config = {
             "model": model,
             "model_folder": folder,

@@ -11,7 +11,6 @@ Run from the repository root: python examples/serve_and_tune.py
 """
 
 import argparse
-import json
 import os
 import signal
 import subprocess
@@ -20,23 +19,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from caikit_tuning.data import read_records_file
+from caikit_tuning.modules.evaluation import balanced
 from caikit_tuning.runtime.process import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 VERBALIZER = "Review: {{input}} Sentiment:"
 DESCRIPTION = "Classify the sentiment of the movie review as positive or negative."
 LABELS = ["positive", "negative"]
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    with open(path, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
-
-
-def balanced(rows: list[dict], count: int) -> list[dict]:
-    pos = [r for r in rows if r["output"] == "positive"][: count // 2]
-    neg = [r for r in rows if r["output"] == "negative"][: count // 2]
-    return [row for pair in zip(pos, neg, strict=False) for row in pair]
 
 
 def accuracy(client, model_id: str, rows: list[dict], show: int = 0) -> float:
@@ -100,8 +90,10 @@ def main() -> None:
     InContextLearning.train(
         NAME, task_description=DESCRIPTION, verbalizer=VERBALIZER, device="cpu"
     ).save(str(ROOT / caikit.get_config().runtime.local_models_dir / zero_shot))
-    records = read_jsonl(ROOT / "data" / "rt_sentiment_train.jsonl")[: args.steps * 8]
-    test_rows = balanced(read_jsonl(ROOT / "data" / "rt_sentiment_test.jsonl"), args.eval_rows)
+    records = read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl")[: args.steps * 8]
+    test_rows = balanced(
+        read_records_file(ROOT / "data" / "rt_sentiment_test.jsonl"), args.eval_rows
+    )
 
     grpc_port, http_port = free_port(), free_port()
     log_path = ROOT / "models" / "server.log"

@@ -10,6 +10,16 @@ from typing import Any
 from ..generation.labels import LabelRule
 
 
+def balanced(
+    records: list[dict], count: int, labels: tuple[str, ...] = ("positive", "negative")
+) -> list[dict]:
+    """The first count/len(labels) records of each label, interleaved: a balanced test set."""
+    per_label = [
+        [r for r in records if r["output"] == label][: count // len(labels)] for label in labels
+    ]
+    return [record for group in zip(*per_label, strict=False) for record in group]
+
+
 def request_text(model: Any, record: dict) -> str:
     """What a client would send for `record`: its input, or (for a multi-field
     verbalizer) a JSON object of its fields."""
