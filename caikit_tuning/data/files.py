@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
@@ -50,7 +51,9 @@ def _json(name: str, text: str) -> list[dict]:
 
 def _jsonl(name: str, text: str) -> list[dict]:
     records = []
-    for number, line in enumerate(text.splitlines(), start=1):
+    # Records end at "\n" only: str.splitlines would also split inside strings at
+    # U+0085, U+2028 and the like, which real review text contains.
+    for number, line in enumerate(text.split("\n"), start=1):
         if not line.strip():
             continue
         try:
@@ -61,12 +64,13 @@ def _jsonl(name: str, text: str) -> list[dict]:
 
 
 def _csv(name: str, text: str) -> list[dict]:
-    rows = csv.reader(text.splitlines())
+    rows = csv.reader(io.StringIO(text, newline=""))
     header = next(rows, None)
     if not header:
         raise ValueError(f"{name} line 1: missing the header row (e.g. input,output).")
     records = []
-    for number, row in enumerate(rows, start=2):
+    for row in rows:
+        number = rows.line_num  # the physical line a (possibly multi-line) row ends on
         if not row:
             continue
         if len(row) != len(header):

@@ -1,6 +1,7 @@
 """Record files with line-numbered errors; chat records through the chat template."""
 
 import json
+from pathlib import Path
 
 import pytest
 from transformers import AutoTokenizer
@@ -17,6 +18,25 @@ def test_reads_json_jsonl_and_csv(tmp_path):
     assert read_records_file(tmp_path / "r.json") == rows
     assert read_records_file(tmp_path / "r.jsonl") == rows
     assert read_records_file(tmp_path / "r.csv") == rows
+
+
+def test_unicode_line_separators_inside_text_are_kept(tmp_path):
+    # Real reviews contain U+0085 and U+2028; only "\n" ends a JSONL record.
+    rows = [{"input": "ambition\u0085 whole", "output": "a\u2028b"}, {"input": "x", "output": "y"}]
+    text = "\r\n".join(json.dumps(r, ensure_ascii=False) for r in rows)
+    (tmp_path / "u.jsonl").write_text(text, encoding="utf-8", newline="")
+    assert read_records_file(tmp_path / "u.jsonl") == rows
+    (tmp_path / "u.csv").write_text(
+        'input,output\n"two\nlines",a\u0085b\nc,d,e\n', encoding="utf-8", newline=""
+    )
+    with pytest.raises(ValueError, match="u.csv line 4: 3 columns"):
+        read_records_file(tmp_path / "u.csv")
+
+
+def test_bundled_data_files_read_whole():
+    root = Path(__file__).resolve().parents[2] / "data"
+    for name, count in [("rt_sentiment_train.jsonl", 4379), ("rt_sentiment_test.jsonl", 400)]:
+        assert len(read_records_file(root / name)) == count
 
 
 @pytest.mark.parametrize(
