@@ -24,7 +24,11 @@ EXAMPLES = [
 @pytest.mark.parametrize("virtual", [0, 3])
 def test_packed_and_padded_losses_agree(model, virtual):
     torch.manual_seed(0)
-    prefix = PromptPrefix(decoder=torch.randn(virtual, model.config.hidden_size) * 0.1) if virtual else PromptPrefix()
+    prefix = (
+        PromptPrefix(decoder=torch.randn(virtual, model.config.hidden_size) * 0.1)
+        if virtual
+        else PromptPrefix()
+    )
     with torch.no_grad():
         padded = summed_token_loss(model, collate_causal(EXAMPLES, pad_id=0), prefix)
         packed = summed_token_loss(model, collate_packed(EXAMPLES), prefix)
@@ -40,6 +44,9 @@ def test_packed_gradients_reach_every_examples_prompt(model):
 
 def test_packed_batch_has_no_padding():
     batch = collate_packed(EXAMPLES)
-    assert batch.num_padded_tokens == 0 and batch.input_ids.shape == (1, sum(len(e) for e in EXAMPLES))
+    assert batch.num_padded_tokens == 0 and batch.input_ids.shape == (
+        1,
+        sum(len(e) for e in EXAMPLES),
+    )
     assert batch.segment_lengths == [7, 5, 6]
     assert batch.num_target_tokens == 2 + 3 + 3
