@@ -31,7 +31,9 @@ NO_PREFIX = PromptPrefix()
 
 def accepts_logits_to_keep(model: torch.nn.Module) -> bool:
     """Whether the model's forward can project only some positions onto the vocabulary."""
-    # A PeftModel forward takes **kwargs and hands them on: ask the model it wraps.
+    # torch.compile's wrapper and a PeftModel forward take **kwargs and hand them on:
+    # ask the model they wrap.
+    model = getattr(model, "_orig_mod", model)
     if hasattr(model, "get_base_model"):
         model = model.get_base_model()
     forward = getattr(model, "forward", None)

@@ -90,7 +90,9 @@ class OptimizationConfig(DataObjectBase):
     and the gradient accumulation (over all processes) instead of batch_size and
     accumulate_steps. lr_scaling (none, sqrt, linear) multiplies learning_rate by the
     total batch size (or its square root). lr_scheduler: linear, cosine or constant,
-    after warmup_steps (or warmup_ratio of all steps) of linear warmup.
+    after warmup_steps (or warmup_ratio of all steps) of linear warmup. torch_compile
+    compiles the model's forward for the run (for GPUs: on a CPU the compiler takes
+    minutes and gains little).
     """
 
     total_train_batch_size: Annotated[Optional[int], FieldNumber(1)]
@@ -101,6 +103,7 @@ class OptimizationConfig(DataObjectBase):
     warmup_ratio: Annotated[Optional[float], FieldNumber(6)]
     weight_decay: Annotated[Optional[float], FieldNumber(7)]
     max_grad_norm: Annotated[Optional[float], FieldNumber(8)]
+    torch_compile: Annotated[Optional[bool], FieldNumber(9)]
 
 
 @dataobject(package=PACKAGE)

@@ -52,6 +52,7 @@ from ..training import (
 )
 from ..training.distributed import world
 from ..training.plots import write_loss_curve
+from ..training.precision import FrozenWeightCast
 from ..training.tracking import Tracker, record_model_path
 from .presets import apply_preset
 
@@ -216,12 +217,16 @@ def fit(
     val_records: list[dict],
     after_step: Callable[[int], None] | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
+    cast_frozen_weights: bool = True,
 ) -> TrainingResult:
     """Tokenize the records once and train `params` through the shared loop.
 
     `prefix(batch)` gives the soft prompts for a batch (None: for generation).
     `after_step(step)` runs after every optimizer step, before gradients are cleared;
-    `penalty()` is a regularization term added to every step's mean token loss."""
+    `penalty()` is a regularization term added to every step's mean token loss.
+    Under autocast, frozen float32 matmul weights are cast once for the run
+    (training.precision) unless `cast_frozen_weights` is False: for layers that read
+    their base weight outside its matmul (DoRA's weight norm)."""
     training = plan.training
     examples, val_examples = (
         build_examples(
@@ -250,17 +255,30 @@ def fit(
         {**training.to_config(), "base_model": str(plan.located.source)}, enabled=world().is_main
     )
 
+    forward = base.model
+    if training.optimization.torch_compile:
+        # Compiled for this run only: generation afterwards stays eager, where a growing
+        # KV cache would otherwise recompile at every length.
+        forward = torch.compile(base.model, dynamic=True)
+
     def loss_fn(batch: Batch) -> torch.Tensor:
         noise = training.neftune_noise_alpha if base.model.training else None
-        loss = summed_token_loss(base.model, batch, prefix(batch), noise)
+        loss = summed_token_loss(forward, batch, prefix(batch), noise)
         if penalty is not None and base.model.training:
             # The loop divides by the step's target tokens: weighting by this batch's
             # share adds `penalty` once per optimizer step, and never to validation loss.
             loss = loss + penalty() * batch.num_target_tokens
         return loss
 
+    cast = FrozenWeightCast(model, plan.amp_dtype if cast_frozen_weights else None)
+    accuracy = _accuracy(base, plan, prefix, val_records)
+
+    def accuracy_fn() -> float:
+        with cast.originals():  # greedy generation runs outside autocast, in float32
+            return accuracy()
+
     try:
-        with deterministic(training.determinism):
+        with deterministic(training.determinism), cast:
             result = train(
                 model=base.model,
                 params=params,
@@ -276,7 +294,7 @@ def fit(
                 device=plan.device,
                 amp_dtype=plan.amp_dtype,
                 val_examples=val_examples,
-                accuracy_fn=_accuracy(base, plan, prefix, val_records),
+                accuracy_fn=accuracy_fn if accuracy else None,
                 on_log=tracker.log,
                 after_step=after_step,
             )

@@ -89,6 +89,9 @@ class OptimizationSettings:
     weight_decay: float = 0.0
     # Clip the gradient norm, as transformers.Trainer does by default.
     max_grad_norm: float | None = 1.0
+    # torch.compile the model's forward for the run (dynamic shapes). Worth it on GPUs;
+    # on a CPU the first step waits minutes for the compiler (see benchmarks/results).
+    torch_compile: bool = False
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -111,6 +114,10 @@ class OptimizationSettings:
         _number(self.weight_decay, "optimization.weight_decay", 0.0, 1.0)
         if self.max_grad_norm is not None:
             _number(self.max_grad_norm, "optimization.max_grad_norm", 0.0, math.inf, low_open=True)
+        if not isinstance(self.torch_compile, bool):
+            raise ValueError(
+                f"`optimization.torch_compile` must be true or false, got {self.torch_compile!r}."
+            )
 
     @classmethod
     def from_request(cls, config: Any) -> OptimizationSettings:

@@ -124,14 +124,19 @@ def test_adalora_orthogonality_penalty_is_applied(base_models_dir):
 def test_fit_adapter_hands_the_hooks_to_fit(monkeypatch):
     seen = {}
 
-    def fit(base, plan, params, prefix, records, val_records, after_step=None, penalty=None):
-        seen.update(after_step=after_step, penalty=penalty, prefix=prefix(None))
+    def fit(base, plan, params, prefix, records, val_records, after_step, penalty, **options):
+        seen.update(after_step=after_step, penalty=penalty, prefix=prefix(None), **options)
         return "result"
 
     monkeypatch.setattr(step_hooks, "fit", fit)
     hooks = StepHooks(after_step=print, penalty=torch.zeros)
-    assert step_hooks.fit_adapter(None, None, [], [], [], hooks) == "result"
-    assert seen == {"after_step": print, "penalty": torch.zeros, "prefix": NO_PREFIX}
+    assert step_hooks.fit_adapter(None, None, [], [], [], hooks, False) == "result"
+    assert seen == {
+        "after_step": print,
+        "penalty": torch.zeros,
+        "prefix": NO_PREFIX,
+        "cast_frozen_weights": False,
+    }
 
 
 def test_seq2seq_model_trains_and_generates(trained):

@@ -209,7 +209,10 @@ class LoraTuning(ModuleBase):
         tuned = dataclasses.replace(base, model=peft_model.get_base_model())
         params = [p for p in peft_model.parameters() if p.requires_grad]
         hooks = _step_hooks(peft_model, adapter)
-        result = fit_adapter(tuned, plan, params, records, val_records, hooks)
+        # DoRA reads its base weight outside the matmul (for the weight norm): keep it float32.
+        result = fit_adapter(
+            tuned, plan, params, records, val_records, hooks, not settings.use_dora
+        )
         log.info(
             "trained %d steps in %.1fs, final loss %s",
             result.steps,

@@ -70,6 +70,7 @@ def fit_adapter(
     records: list[dict],
     val_records: list[dict],
     hooks: StepHooks = NO_HOOKS,
+    cast_frozen_weights: bool = True,
 ) -> TrainingResult:
     """recipe.fit with the adapter's step hooks (no soft prompt)."""
     return fit(
@@ -81,4 +82,5 @@ def fit_adapter(
         val_records,
         after_step=hooks.after_step,
         penalty=hooks.penalty,
+        cast_frozen_weights=cast_frozen_weights,
     )
