@@ -57,7 +57,12 @@ def markdown(summary: dict, title: str) -> str:
         "",
         f"Model `{c['model']}`, {c['steps']} steps x batch {c['batch_size']}, lr {c['learning_rate']}, "
         f"{c['num_virtual_tokens']} virtual tokens, {c['threads']} threads, median of {c['repeats']} runs. "
-        f"torch.mm peak: {summary['matmul_peak_gflops']} GFLOP/s.",
+        f"torch.mm peak: {summary['matmul_peak_gflops']} GFLOP/s."
+        + (
+            " caikit_tuning with `torch_compile` (first step includes compiling)."
+            if c.get("torch_compile")
+            else ""
+        ),
         "",
         "| metric | caikit_tuning | baseline (Trainer + peft) | ratio |",
         "| --- | --- | --- | --- |",

@@ -105,6 +105,7 @@ def run_project(config: dict) -> dict:
         seed=config["seed"],
         silence_progress_bars=True,
         torch_dtype=config.get("torch_dtype"),
+        optimization={"torch_compile": config.get("torch_compile", False)},
     )
     train_call = time.perf_counter() - started
     rss = peak_rss_mb()  # before the evaluation below loads a second copy of the model
@@ -293,6 +294,11 @@ def main() -> None:
         default=None,
         help='caikit_tuning\'s torch_dtype: unset = bf16 autocast where native; "float32" = pure fp32',
     )
+    parser.add_argument(
+        "--torch-compile",
+        action="store_true",
+        help="caikit_tuning's optimization.torch_compile (the baseline stays eager)",
+    )
     parser.add_argument("--name", help="results file stem (default: from the model)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -324,6 +330,7 @@ def main() -> None:
             "repeats": args.repeats,
             "seed": 42,
             "torch_dtype": args.torch_dtype,
+            "torch_compile": args.torch_compile,
             **PROMPT,
             "train_rows": train,
             "eval_rows": test,
