@@ -53,6 +53,7 @@ from ..training import (
 from ..training.distributed import world
 from ..training.plots import write_loss_curve
 from ..training.precision import FrozenWeightCast
+from ..training.segment_attention import segment_attention
 from ..training.tracking import Tracker, record_model_path
 from .presets import apply_preset
 
@@ -277,8 +278,11 @@ def fit(
         with cast.originals():  # greedy generation runs outside autocast, in float32
             return accuracy()
 
+    # Packed rows: attention per example rather than a dense mask over the whole row
+    # (not under torch.compile, which would recompile for every batch's lengths).
+    per_example = segment_attention(model, enabled=not training.optimization.torch_compile)
     try:
-        with deterministic(training.determinism), cast:
+        with deterministic(training.determinism), cast, per_example:
             result = train(
                 model=base.model,
                 params=params,

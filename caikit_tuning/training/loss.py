@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from ..base_models.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
 from ..data.batching import Batch
+from .segment_attention import uses_segment_attention
 
 
 def summed_token_loss(
@@ -75,7 +76,8 @@ def _packed_causal_loss(
 ) -> torch.Tensor:
     """One row holding every example, each behind its own copy of the soft prompt, with
     position ids restarting per example: transformers then masks attention to stay
-    within each example (no attention mask, no cache), so nothing is padding."""
+    within each example (no attention mask, no cache), so nothing is padding. Under
+    `segment_attention` each example's attention is computed on its own slice."""
     embeds = model.get_input_embeddings()(batch.input_ids)[0]  # (total, hidden)
     vectors = prefix.decoder  # None, (virtual, hidden) or (segments, virtual, hidden)
     virtual = PromptPrefix.length(vectors)
@@ -94,9 +96,10 @@ def _packed_causal_loss(
     packed = torch.cat(pieces)[None]  # (1, total + segments * virtual, hidden)
     # Each example's targets move right by the prompts before it, its own included.
     positions = batch.target_positions + virtual * (batch.target_segments + 1)
-    return _target_loss(
-        model, batch, positions, inputs_embeds=packed, position_ids=torch.cat(position_ids)[None]
-    )
+    inputs = {"inputs_embeds": packed, "position_ids": torch.cat(position_ids)[None]}
+    if uses_segment_attention(model):
+        inputs["segment_lengths"] = [virtual + length for length in batch.segment_lengths]
+    return _target_loss(model, batch, positions, **inputs)
 
 
 def _seq2seq_loss(

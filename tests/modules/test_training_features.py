@@ -81,22 +81,24 @@ def test_early_stopping_keeps_the_best_weights(base_models_dir):
     # The kept weights are the best step's: their validation loss is the best one logged.
     from caikit_tuning.data import build_examples, collator_for
     from caikit_tuning.training import evaluate_loss, summed_token_loss
+    from caikit_tuning.training.segment_attention import segment_attention
 
     base = model.base
     examples = build_examples(
         base.tokenizer, [dict(r.to_dict()) for r in records(8)], model.verbalizer.render, 256, 128
     )
-    loss = evaluate_loss(
-        base.model,
-        lambda batch: summed_token_loss(base.model, batch, model.prompt.prefix()),
-        examples,
-        collator_for(False, base.tokenizer.pad_token_id, None, packing=True),
-        4,
-        torch.device("cpu"),
-        torch.autocast("cpu", dtype=torch.bfloat16)
-        if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
-        else None,
-    )
+    with segment_attention(base.model):  # packed rows, evaluated as fit() evaluates them
+        loss = evaluate_loss(
+            base.model,
+            lambda batch: summed_token_loss(base.model, batch, model.prompt.prefix()),
+            examples,
+            collator_for(False, base.tokenizer.pad_token_id, None, packing=True),
+            4,
+            torch.device("cpu"),
+            torch.autocast("cpu", dtype=torch.bfloat16)
+            if torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+            else None,
+        )
     assert loss == pytest.approx(best["validation_loss"], rel=1e-4)
 
 

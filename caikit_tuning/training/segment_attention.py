@@ -1,0 +1,102 @@
+"""Attention for packed training rows: each example attends within itself only.
+
+A packed row holds a batch's examples one after another, with position ids restarting
+per example. transformers' SDPA path then builds a dense (row x row) block-causal
+mask, so attention costs the square of the whole row and the masked-out blocks are
+computed anyway. This implementation runs causal attention on each example's slice
+instead: the same result for a fraction of the work (measured on SmolLM2-135M, CPU,
+bfloat16 autocast, a 472-token row of 8 examples, forward plus backward: 710 ms with
+the dense mask, 617 ms per example). On GPUs the dense mask would also keep SDPA off
+its flash kernels.
+
+Without `segment_lengths` (generation, validation of padded batches) it is plain SDPA.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import repeat_kv, sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+NAME = "caikit_tuning_segments"
+
+
+def segment_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    segment_lengths: list[int] | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """query: (1, heads, row, head_dim); key, value: (1, kv_heads, row, head_dim).
+
+    Returns (1, row, heads, head_dim), as transformers' attention functions do."""
+    window = kwargs.get("sliding_window")
+    if (
+        segment_lengths is None
+        or query.shape[0] != 1
+        or kwargs.get("softcap") is not None
+        or (window is not None and max(segment_lengths) > window)
+    ):
+        # The mask transformers built for this implementation is the SDPA one.
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = getattr(module, "num_key_value_groups", 1)
+    key, value = repeat_kv(key, groups), repeat_kv(value, groups)
+    pieces = [
+        F.scaled_dot_product_attention(
+            q, k, v, dropout_p=dropout, scale=scaling, is_causal=q.shape[2] > 1
+        )
+        for q, k, v in zip(
+            query.split(segment_lengths, dim=2),
+            key.split(segment_lengths, dim=2),
+            value.split(segment_lengths, dim=2),
+            strict=True,
+        )
+    ]
+    return torch.cat(pieces, dim=2).transpose(1, 2).contiguous(), None
+
+
+def _register() -> None:
+    AttentionInterface.register(NAME, segment_attention_forward)
+    # Masks (for the fallback) are built exactly as for SDPA.
+    ALL_MASK_ATTENTION_FUNCTIONS.register(NAME, sdpa_mask)
+
+
+_register()
+
+
+@contextlib.contextmanager
+def segment_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
+    """Switch a decoder-only model that uses SDPA to per-example attention for the
+    block; yields whether it did. The caller passes `segment_lengths` to the forward."""
+    model = getattr(model, "_orig_mod", model)
+    config = model.config
+    switch = (
+        enabled
+        and not config.is_encoder_decoder
+        and getattr(config, "_attn_implementation", None) == "sdpa"
+    )
+    if not switch:
+        yield False
+        return
+    config._attn_implementation = NAME
+    try:
+        yield True
+    finally:
+        config._attn_implementation = "sdpa"
+
+
+def uses_segment_attention(model: torch.nn.Module) -> bool:
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model.config, "_attn_implementation", None) == NAME

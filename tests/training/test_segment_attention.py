@@ -1,0 +1,98 @@
+"""Per-example attention on packed rows gives what separate examples give."""
+
+import torch
+from transformers import AutoModelForCausalLM
+
+from caikit_tuning.base_models import PromptPrefix
+from caikit_tuning.data import Example, collate_packed
+from caikit_tuning.training import summed_token_loss
+from caikit_tuning.training.segment_attention import (
+    NAME,
+    segment_attention,
+    uses_segment_attention,
+)
+
+EXAMPLES = [
+    Example([3, 10, 11, 12, 13], [20, 1]),
+    Example([3, 14], [21, 22, 1]),
+    Example([3, 15, 16, 17, 18, 19, 23], [24, 1]),
+]
+
+
+def _model(folder):
+    # The tiny llama has 4 query heads over 2 key/value heads: grouped-query attention.
+    model = AutoModelForCausalLM.from_pretrained(
+        folder, dtype=torch.float32, attn_implementation="sdpa"
+    )
+    return model.requires_grad_(False).eval()
+
+
+def test_packed_row_matches_examples_run_one_by_one(tiny_llama):
+    model = _model(tiny_llama)
+    lengths = [4, 9, 6]
+    ids = torch.randint(4, 100, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
+    positions = torch.cat([torch.arange(n) for n in lengths])[None]
+    starts = [0, 4, 13]
+    with torch.no_grad():
+        alone = torch.cat(
+            [
+                model(input_ids=ids[:, s : s + n]).logits
+                for s, n in zip(starts, lengths, strict=True)
+            ],
+            dim=1,
+        )
+        dense = model(input_ids=ids, position_ids=positions, use_cache=False).logits
+        with segment_attention(model) as switched:
+            assert switched and model.config._attn_implementation == NAME
+            split = model(
+                input_ids=ids, position_ids=positions, use_cache=False, segment_lengths=lengths
+            ).logits
+    assert model.config._attn_implementation == "sdpa"
+    torch.testing.assert_close(split, alone, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_training_loss_and_prompt_gradient_match_the_dense_mask(tiny_llama):
+    model = _model(tiny_llama)
+    prompt = torch.nn.Parameter(torch.randn(3, 2, model.config.hidden_size) * 0.1)
+    batch = collate_packed(EXAMPLES)
+
+    def loss_and_grad():
+        loss = summed_token_loss(model, batch, PromptPrefix(decoder=prompt))
+        loss.backward()
+        grad, prompt.grad = prompt.grad, None
+        return loss.detach(), grad
+
+    dense = loss_and_grad()
+    with segment_attention(model):
+        assert uses_segment_attention(model)
+        split = loss_and_grad()
+    torch.testing.assert_close(split[0], dense[0], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(split[1], dense[1], rtol=1e-4, atol=1e-5)
+    assert split[1].abs().sum() > 0
+
+
+def test_without_segment_lengths_it_is_sdpa_with_its_masks(tiny_llama):
+    # Generation and padded validation batches run while the model is switched.
+    model = _model(tiny_llama)
+    ids = torch.tensor([[0, 0, 3, 10, 11], [3, 12, 13, 14, 15]])
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    with torch.no_grad():
+        expected = model(input_ids=ids, attention_mask=mask).logits
+        with segment_attention(model):
+            got = model(input_ids=ids, attention_mask=mask).logits
+    torch.testing.assert_close(got[mask.bool()], expected[mask.bool()])
+
+
+def test_only_decoder_models_on_sdpa_are_switched(tiny_llama, tiny_t5):
+    eager = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="eager")
+    with segment_attention(eager) as switched:
+        assert not switched and eager.config._attn_implementation == "eager"
+    with segment_attention(_model(tiny_llama), enabled=False) as switched:
+        assert not switched
+    from transformers import AutoModelForSeq2SeqLM
+
+    seq2seq = AutoModelForSeq2SeqLM.from_pretrained(tiny_t5)
+    before = seq2seq.config._attn_implementation
+    with segment_attention(seq2seq) as switched:
+        assert not switched and seq2seq.config._attn_implementation == before
