@@ -8,7 +8,7 @@ from transformers import PreTrainedModel
 
 from ..base_models.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
 from ..data.batching import Batch
-from .segment_attention import uses_segment_attention
+from .segment_attention import fits_window, uses_segment_attention
 
 
 def summed_token_loss(
@@ -74,32 +74,66 @@ def _target_loss(
 def _packed_causal_loss(
     model: PreTrainedModel, batch: Batch, prefix: PromptPrefix, noise_alpha: float | None
 ) -> torch.Tensor:
-    """One row holding every example, each behind its own copy of the soft prompt, with
-    position ids restarting per example: transformers then masks attention to stay
-    within each example (no attention mask, no cache), so nothing is padding. Under
-    `segment_attention` each example's attention is computed on its own slice."""
+    """One row holding every example, with position ids restarting per example:
+    transformers then masks attention to stay within each example (no attention mask,
+    no cache), so nothing is padding. Each example sits behind its own copy of the soft
+    prompt; under `segment_attention` a prompt shared by all examples is in the row once
+    instead, and each example's attention is computed on its own slice."""
     embeds = model.get_input_embeddings()(batch.input_ids)[0]  # (total, hidden)
     vectors = prefix.decoder  # None, (virtual, hidden) or (segments, virtual, hidden)
     virtual = PromptPrefix.length(vectors)
+    lengths = batch.segment_lengths
+    tokens = list(embeds.split(lengths))
     add_noise = _neftune(noise_alpha)
-    pieces, position_ids, start = [], [], 0
-    for index, length in enumerate(batch.segment_lengths):
-        tokens = embeds[start : start + length]
-        if add_noise is not None:
-            tokens = add_noise(tokens[None], torch.ones(1, length, device=tokens.device))[0]
+    if add_noise is not None:
+        tokens = [add_noise(t[None], torch.ones(1, len(t), device=t.device))[0] for t in tokens]
+    split = uses_segment_attention(model) and _fits_window(model, virtual, lengths)
+    if split and vectors is not None and vectors.dim() == 2:
+        return _shared_prompt_loss(model, batch, vectors.to(embeds.dtype), tokens)
+    pieces, position_ids = [], []
+    for index, own in enumerate(tokens):
         if virtual:
-            own = vectors if vectors.dim() == 2 else vectors[index]
-            pieces.append(own.to(tokens.dtype))
-        pieces.append(tokens)
-        position_ids.append(torch.arange(virtual + length, device=tokens.device))
-        start += length
-    packed = torch.cat(pieces)[None]  # (1, total + segments * virtual, hidden)
+            pieces.append((vectors if vectors.dim() == 2 else vectors[index]).to(own.dtype))
+        pieces.append(own)
+        position_ids.append(torch.arange(virtual + len(own), device=own.device))
+    inputs = {
+        "inputs_embeds": torch.cat(pieces)[None],
+        "position_ids": torch.cat(position_ids)[None],
+    }
+    if split:
+        inputs["segment_lengths"] = [virtual + length for length in lengths]
     # Each example's targets move right by the prompts before it, its own included.
     positions = batch.target_positions + virtual * (batch.target_segments + 1)
-    inputs = {"inputs_embeds": packed, "position_ids": torch.cat(position_ids)[None]}
-    if uses_segment_attention(model):
-        inputs["segment_lengths"] = [virtual + length for length in batch.segment_lengths]
     return _target_loss(model, batch, positions, **inputs)
+
+
+def _shared_prompt_loss(
+    model: PreTrainedModel, batch: Batch, prompt: torch.Tensor, tokens: list[torch.Tensor]
+) -> torch.Tensor:
+    """The row is [prompt, example 1, example 2, ...]; every example attends to the one
+    prompt (segment_attention's `prefix_length`) and continues its positions."""
+    virtual, device = prompt.shape[0], prompt.device
+    position_ids = [torch.arange(virtual, device=device)] + [
+        torch.arange(virtual, virtual + len(own), device=device) for own in tokens
+    ]
+    # A target predicted from just before its example's first token is predicted from
+    # the prompt's last position; every other one moves right by the prompt.
+    starts = torch.tensor([0, *batch.segment_lengths[:-1]], device=device).cumsum(0)
+    before_first = batch.target_positions < starts[batch.target_segments]
+    positions = torch.where(before_first, virtual - 1, batch.target_positions + virtual)
+    return _target_loss(
+        model,
+        batch,
+        positions,
+        inputs_embeds=torch.cat([prompt, *tokens])[None],
+        position_ids=torch.cat(position_ids)[None],
+        segment_lengths=list(batch.segment_lengths),
+        prefix_length=virtual,
+    )
+
+
+def _fits_window(model: PreTrainedModel, virtual: int, lengths: list[int]) -> bool:
+    return fits_window(getattr(model.config, "sliding_window", None), virtual + max(lengths))
 
 
 def _seq2seq_loss(
