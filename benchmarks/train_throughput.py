@@ -310,6 +310,9 @@ def main() -> None:
         print("RESULT " + json.dumps(WORKERS[args.worker](config)), flush=True)
         return
 
+    # The workers' environment as the user gave it: importing the project sets OpenMP
+    # defaults (caikit_tuning/__init__) that the baseline's worker must not inherit.
+    user_env = dict(os.environ)
     # Only here, in the orchestrator: the baseline's worker must not import the project.
     from caikit_tuning.data import read_records_file
 
@@ -339,7 +342,7 @@ def main() -> None:
         config_file.write_text(json.dumps(config))
         runs: dict[str, list[dict]] = {"project": [], "baseline": []}
         env = {
-            **os.environ,
+            **user_env,
             "OMP_NUM_THREADS": str(args.threads),
             "TOKENIZERS_PARALLELISM": "false",
         }

@@ -3,11 +3,14 @@
 import os
 from pathlib import Path
 
-# OpenMP threads that spin between parallel regions starve every other thread and
-# process on the same cores: the serving engine's thread, training workers next to the
-# server, a shared machine. Sleeping instead costs little per region. Must be set
-# before torch is imported; an explicit setting wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+# OpenMP threads spin between parallel regions before they sleep. libgomp's default
+# (300,000 spins) can starve other threads on the same cores; never spinning
+# (OMP_WAIT_POLICY=PASSIVE) made a training step 25-40% slower, as each of its many
+# small kernels waited for threads to wake up. A short spin keeps both: measured on
+# 2 cores, a SmolLM2-135M training step 0.80 s (PASSIVE 0.96 s), and concurrent
+# serving 138 tokens/s (PASSIVE 117). Read when torch starts; explicit settings win.
+if "OMP_WAIT_POLICY" not in os.environ:
+    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import caikit  # noqa: E402
 

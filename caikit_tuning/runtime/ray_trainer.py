@@ -110,11 +110,11 @@ class RaySettings:
 
 def worker_environment(settings: RaySettings) -> dict[str, str]:
     """What every Ray process of a job needs in its environment."""
-    env = {
-        # Ray Train imports torch before our package can set this (see caikit_tuning/__init__).
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE"),
-        "TOKENIZERS_PARALLELISM": "false",
-    }
+    env = {"TOKENIZERS_PARALLELISM": "false"}
+    # Ray Train imports torch before our package can set these (see caikit_tuning/__init__).
+    for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
+        if name in os.environ:
+            env[name] = os.environ[name]
     config_files = os.environ.get("CONFIG_FILES") or caikit.get_config().get("config_files")
     if config_files:
         env["CONFIG_FILES"] = str(config_files)  # the workers read the server's runtime config

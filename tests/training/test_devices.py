@@ -28,3 +28,27 @@ def test_auto_device_picks_cuda_when_present(monkeypatch):
     assert resolve_device(None).type == "cuda"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_device(None).type == "cpu"
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        ({}, ("1000", None)),  # a short OpenMP spin by default
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, (None, "PASSIVE")),  # an explicit policy wins
+        ({"GOMP_SPINCOUNT": "5"}, ("5", None)),
+    ],
+)
+def test_import_sets_a_short_openmp_spin_unless_told_otherwise(preset, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = (
+        "import os, caikit_tuning; "
+        "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, **preset}, capture_output=True, text=True
+    )
+    assert out.stdout.split() == [str(value) for value in expected]

@@ -9,6 +9,8 @@ from caikit_tuning.data import Example, collate_packed
 from caikit_tuning.training import summed_token_loss
 from caikit_tuning.training.segment_attention import (
     NAME,
+    matmul_attention,
+    sdpa_attention,
     segment_attention,
     uses_segment_attention,
 )
@@ -118,3 +120,17 @@ def test_only_decoder_models_on_sdpa_are_switched(tiny_llama, tiny_t5):
     before = seq2seq.config._attn_implementation
     with segment_attention(seq2seq) as switched:
         assert not switched and seq2seq.config._attn_implementation == before
+
+
+@pytest.mark.parametrize("prefix", [0, 3])
+def test_matmul_attention_on_cpu_equals_sdpa_used_on_gpus(prefix):
+    generator = torch.Generator().manual_seed(0)
+    q = torch.randn(1, 4, 5, 8, generator=generator, requires_grad=True)
+    k, v = (torch.randn(1, 4, prefix + 5, 8, generator=generator) for _ in range(2))
+    mask = torch.ones(5, prefix + 5, dtype=torch.bool).tril(prefix) if prefix else None
+    expected = sdpa_attention(q, k, v, mask, 0.0, 0.5)
+    got = matmul_attention(q, k, v, mask, 0.0, 0.5)
+    torch.testing.assert_close(got, expected)
+    (grad_expected,) = torch.autograd.grad(expected.sum(), q)
+    (grad_got,) = torch.autograd.grad(got.sum(), q)
+    torch.testing.assert_close(grad_got, grad_expected)
