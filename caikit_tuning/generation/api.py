@@ -11,6 +11,7 @@ import types
 from collections.abc import Iterable
 from typing import List, Optional
 
+import caikit
 from caikit.interfaces.nlp.data_model import (
     GeneratedTextResult,
     GeneratedTextStreamResult,
@@ -21,7 +22,7 @@ from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 
 from ..data_model import ExponentialDecayLengthPenalty
 from .labels import LabelRule
-from .settings import GenerationSettings
+from .settings import DEFAULT_MAX_NUM_BEAMS, GenerationSettings
 
 
 def run(
@@ -82,8 +83,7 @@ def run(
         GeneratedTextResult with the text, token counts and finish reason.
     """
     rule = LabelRule.parse(labels, label_match, label_fallback)
-    values = _generation_args(locals())
-    settings = GenerationSettings.from_request(**values)
+    settings = _settings(text, _generation_args(locals()))
     result = self.generator.generate(self.model_input(text), settings)
     if rule is not None:
         result.generated_text = rule.extract(result.generated_text)
@@ -115,7 +115,7 @@ def run_stream_out(
 ) -> Iterable[GeneratedTextStreamResult]:
     """Like `run`, but yields one message per generated token as it is produced (beam
     search, which only knows its answer at the end, yields it as one message)."""
-    settings = GenerationSettings.from_request(**_generation_args(locals()))
+    settings = _settings(text, _generation_args(locals()))
     return self.generator.generate_stream(self.model_input(text), settings)
 
 
@@ -142,6 +142,19 @@ _NOT_GENERATION = ("self", "text", "labels", "label_match", "label_fallback", "r
 
 def _generation_args(call_locals: dict) -> dict:
     return {k: v for k, v in call_locals.items() if k not in _NOT_GENERATION}
+
+
+def _settings(text: str, values: dict) -> GenerationSettings:
+    """The request's settings, within the server's limits (config `generation`)."""
+    limits = caikit.get_config().get("generation") or {}
+    max_chars = int(limits.get("max_input_characters") or 0)
+    if max_chars and isinstance(text, str) and len(text) > max_chars:
+        raise ValueError(
+            f"`text` is {len(text)} characters; this server takes at most {max_chars} "
+            "(generation.max_input_characters)."
+        )
+    max_beams = int(limits.get("max_num_beams") or DEFAULT_MAX_NUM_BEAMS)
+    return GenerationSettings.from_request(max_num_beams=max_beams, **values)
 
 
 _METHODS = (

@@ -30,7 +30,7 @@ from transformers.cache_utils import DynamicLayer
 
 from ..base_models.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
 from .settings import GenerationSettings
-from .stream import PreparedPrompt, RequestDecoder, TokenEvent
+from .stream import PreparedPrompt, RequestDecoder, TokenEvent, TokenStream
 
 log = alog.use_channel("BATCH")
 
@@ -42,6 +42,9 @@ class QueueFull(CaikitRuntimeException):
         super().__init__(StatusCode.RESOURCE_EXHAUSTED, message)
 
 
+_CANCELLED = object()  # wakes a reader whose request was cancelled
+
+
 @dataclass
 class _Request:
     decoder: RequestDecoder
@@ -49,6 +52,12 @@ class _Request:
     prefix: PromptPrefix
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
+
+    def cancel(self) -> None:
+        """Leave the batch (or the queue) at the next step; wake a waiting reader."""
+        if not self.cancelled.is_set():
+            self.cancelled.set()
+            self.events.put(_CANCELLED)
 
 
 @dataclass
@@ -65,8 +74,9 @@ _ENGINES: weakref.WeakSet[BatchingEngine] = weakref.WeakSet()
 
 
 @atexit.register
-def _stop_engines() -> None:
-    """Let engine threads finish their step before the interpreter goes away."""
+def close_engines() -> None:
+    """Fail the waiting and running requests and let engine threads finish their step
+    (at shutdown, before the interpreter goes away)."""
     for engine in list(_ENGINES):
         engine.close()
 
@@ -133,9 +143,9 @@ class BatchingEngine:
         prompt: PreparedPrompt,
         prefix: PromptPrefix,
         settings: GenerationSettings,
-    ) -> Iterator[TokenEvent]:
-        """Queue a request; its events arrive through the returned iterator. Closing
-        the iterator early (a client that went away) drops the request from the batch."""
+    ) -> TokenStream:
+        """Queue a request; its events arrive through the returned stream. Cancelling
+        or closing it early (a client that went away) drops the request from the batch."""
         request = _Request(
             RequestDecoder(self.model, tokenizer, prompt, prefix, settings), prompt.ids, prefix
         )
@@ -153,13 +163,15 @@ class BatchingEngine:
                 )
                 self._thread.start()
             self._lock.notify()
-        return self._events(request)
+        return TokenStream(self._events(request), request.cancel)
 
     @staticmethod
     def _events(request: _Request) -> Iterator[TokenEvent]:
         try:
             while True:
                 event = request.events.get()
+                if event is _CANCELLED:
+                    return
                 if isinstance(event, BaseException):
                     raise event
                 yield event
@@ -232,9 +244,8 @@ class BatchingEngine:
         logits = out.logits[:, -1].float().cpu()  # (requests, vocab)
         keep, rows = [], []
         for index, request in enumerate(requests):
-            event = request.decoder.advance(logits[index])
-            request.events.put(event)
-            if not request.decoder.finished:
+            event = _advance(request, logits[index])
+            if event is not None and not request.decoder.finished:
                 keep.append(index)
                 rows.append(
                     _Row(request, position=int(mask[index].sum()), last_token=event.token_id)
@@ -283,9 +294,8 @@ class BatchingEngine:
         for index, row in enumerate(rows):
             if row.request.cancelled.is_set():
                 continue
-            event = row.request.decoder.advance(logits[index])
-            row.request.events.put(event)
-            if not row.request.decoder.finished:
+            event = _advance(row.request, logits[index])
+            if event is not None and not row.request.decoder.finished:
                 row.position += 1
                 row.last_token = event.token_id
                 keep.append(index)
@@ -306,6 +316,19 @@ class BatchingEngine:
         for layer in self._cache.layers:
             layer.keys = layer.keys.index_select(0, select)[:, :, start:]
             layer.values = layer.values.index_select(0, select)[:, :, start:]
+
+
+def _advance(request: _Request, logits: torch.Tensor) -> TokenEvent | None:
+    """One row's decision, isolated: a row that fails (its scores went non-finite, say)
+    ends alone with its error, and the rest of the batch goes on."""
+    try:
+        event = request.decoder.advance(logits)
+    except Exception as err:  # noqa: BLE001  (the error goes to this request only)
+        log.warning("a batched request failed alone: %s", err)
+        request.events.put(err)
+        return None
+    request.events.put(event)
+    return event
 
 
 def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:

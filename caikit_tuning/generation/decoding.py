@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import PreTrainedTokenizerBase
 from transformers.generation.logits_process import (
-    ExponentialDecayLengthPenalty,
+    LogitsProcessor,
     LogitsProcessorList,
     MinNewTokensLengthLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
@@ -17,6 +19,52 @@ from transformers.generation.logits_process import (
 
 from ..data_model import DecodingMethod
 from .settings import GenerationSettings
+
+
+class NonFiniteScores(ValueError):
+    """A request's scores left the finite range: that request ends with this error."""
+
+
+def _finite(scores: torch.Tensor) -> torch.Tensor:
+    """Scores after penalties and warpers, made safe to sample from: NaN can never be
+    chosen, +inf is the largest finite score (a score pushed to infinity means "this
+    one"). Raises when no token is left."""
+    if bool(torch.isfinite(scores).all()):
+        return scores
+    scores = torch.where(torch.isnan(scores), float("-inf"), scores)
+    scores = scores.clamp(max=torch.finfo(scores.dtype).max)
+    if bool(torch.isneginf(scores).all()):
+        raise NonFiniteScores(
+            "this request's generation parameters (temperature, repetition_penalty, "
+            "exponential_decay_length_penalty, top_k / top_p / typical_p) left no token "
+            "with a finite score; use values closer to the defaults."
+        )
+    return scores
+
+
+class DecayTowardsEos(LogitsProcessor):
+    """TGIS's exponential decay length penalty: `k` tokens past `start`, each EOS score
+    grows by |score| * (factor**k - 1). The growth is capped at e**80 (about 5e34): by
+    then EOS wins anyway, and an uncapped power overflows (Python raises, float32 turns
+    to inf) a few hundred tokens in."""
+
+    MAX_LOG_GROWTH = 80.0
+
+    def __init__(self, start: int, factor: float, eos_ids: list[int]):
+        self.start = start
+        self.log_factor = math.log(factor)
+        self.eos_ids = list(eos_ids)
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        past = input_ids.shape[-1] - self.start
+        if past <= 0 or not self.eos_ids:
+            return scores
+        growth = math.exp(min(past * self.log_factor, self.MAX_LOG_GROWTH)) - 1
+        eos = scores[:, self.eos_ids]  # (batch, eos ids)
+        penalty = torch.where(torch.isfinite(eos), eos.abs() * growth, torch.zeros_like(eos))
+        scores = scores.clone()
+        scores[:, self.eos_ids] = eos + penalty
+        return scores
 
 
 class TokenChooser:
@@ -35,11 +83,8 @@ class TokenChooser:
                 MinNewTokensLengthLogitsProcessor(len(prompt_ids), settings.min_new_tokens, eos_ids)
             )
         if settings.exponential_decay_length_penalty is not None:
-            processors.append(
-                ExponentialDecayLengthPenalty(
-                    settings.exponential_decay_length_penalty, eos_ids, len(prompt_ids)
-                )
-            )
+            start, factor = settings.exponential_decay_length_penalty
+            processors.append(DecayTowardsEos(start + len(prompt_ids), factor, eos_ids))
         if self.sampling:
             if settings.temperature is not None and settings.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(settings.temperature))
@@ -61,9 +106,15 @@ class TokenChooser:
         model's own distribution.
         """
         scores = logits.cpu()
+        if not torch.isfinite(scores).any():
+            raise NonFiniteScores(
+                "the model's next-token scores for this request are all NaN or infinite: "
+                "the model or its weights are broken."
+            )
         if self.processors:
             ids = torch.tensor([sequence], dtype=torch.long)  # (1, seq_len)
             scores = self.processors(ids, scores.unsqueeze(0))[0]
+        scores = _finite(scores)
         if self.sampling:
             probs = torch.softmax(scores, dim=-1)
             token = int(torch.multinomial(probs, 1, generator=self.generator))

@@ -17,7 +17,13 @@ from .batching import engine_for
 from .beams import beam_search
 from .results import stream_results, unary_result
 from .settings import GenerationSettings
-from .stream import PreparedPrompt, chat_prompt, prepare_prompt, stream_generation
+from .stream import (
+    PreparedPrompt,
+    TokenStream,
+    chat_prompt,
+    prepare_prompt,
+    stream_generation,
+)
 
 
 class TextGenerator:
@@ -78,4 +84,8 @@ class TextGenerator:
         # Validation and tokenization happen now, so a bad request fails before the
         # caller starts reading the stream.
         _, events, common = self._start(text, settings)
-        return stream_results(events, **common)
+        return TokenStream(stream_results(events, **common), getattr(events, "cancel", _no_op))
+
+
+def _no_op() -> None:
+    """Nothing to cancel: beam search answers in one piece."""

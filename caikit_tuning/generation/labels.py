@@ -3,10 +3,33 @@ category extractor), for classification-style models."""
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
+import re2
+
 MATCHES = ("contains", "exact", "regex")
+MAX_LABELS = 64
+MAX_LABEL_CHARS = 256
+
+
+def _compile(pattern: str):
+    """A case-insensitive RE2 pattern: linear-time matching, so no pattern can make a
+    request (or the server) wait on backtracking."""
+    options = re2.Options()
+    options.case_sensitive = False
+    options.log_errors = False
+    try:
+        return re2.compile(pattern, options)
+    except re2.error as err:
+        raise ValueError(
+            f"`labels` pattern {pattern!r} is not a valid RE2 regular expression "
+            f"({_reason(err)}); RE2 has no backreferences or lookaround."
+        ) from None
+
+
+def _reason(err: Exception) -> str:
+    reason = err.args[0] if err.args else err
+    return reason.decode(errors="replace") if isinstance(reason, bytes) else str(reason)
 
 
 @dataclass(frozen=True)
@@ -19,7 +42,7 @@ class LabelRule:
     """
 
     labels: tuple[str, ...]
-    patterns: tuple[re.Pattern, ...]
+    patterns: tuple  # compiled RE2 patterns, with label_match regex
     match: str
     fallback: str
 
@@ -34,22 +57,24 @@ class LabelRule:
         match = (match or "contains").lower()
         if match not in MATCHES:
             raise ValueError(f"`label_match` must be one of {list(MATCHES)}, got {match!r}.")
+        if len(labels) > MAX_LABELS:
+            raise ValueError(f"`labels` may hold at most {MAX_LABELS} entries, got {len(labels)}.")
         names, patterns = [], []
         for entry in labels:
             if not isinstance(entry, str) or not entry:
                 raise ValueError(f"`labels` entries must be non-empty strings, got {entry!r}.")
+            if len(entry) > MAX_LABEL_CHARS:
+                raise ValueError(
+                    f"`labels` entries may be at most {MAX_LABEL_CHARS} characters, got one "
+                    f"of {len(entry)}."
+                )
             if match == "regex":
                 name, sep, pattern = entry.partition("=")
                 if not sep or not name or not pattern:
                     raise ValueError(
                         f"with label_match regex, `labels` entries are label=pattern, got {entry!r}."
                     )
-                try:
-                    patterns.append(re.compile(pattern, re.IGNORECASE))
-                except re.error as err:
-                    raise ValueError(
-                        f"`labels` pattern {pattern!r} is not a valid regex: {err}."
-                    ) from err
+                patterns.append(_compile(pattern))
                 names.append(name)
             else:
                 names.append(entry)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 from typing import Any
 
@@ -9,6 +10,21 @@ from ..data_model import DecodingMethod, ExponentialDecayLengthPenalty
 
 _SAMPLING_ONLY = ("top_k", "top_p", "typical_p", "temperature", "seed")
 MAX_STOP_SEQUENCES = 16
+MAX_STOP_SEQUENCE_CHARS = 256
+# Counts and lengths fit a signed 32-bit integer; seeds an unsigned 64-bit one.
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**64 - 1
+# Numerically safe ranges: inside them no score can overflow float32 (logits are a
+# few tens at most; dividing them by 1e-3 or multiplying by 1e2 stays far from 3.4e38).
+# Outside them a request could turn its scores into inf / NaN.
+TEMPERATURE_RANGE = (1e-3, 1e3)
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+# Below 1 the penalty pulls away from EOS (as caikit-nlp allows); the growth is capped
+# (decoding.DecayTowardsEos), so any factor here is safe.
+DECAY_FACTOR_RANGE = (1e-3, 10.0)
+# Beam search multiplies a request's memory and compute by the beam count: the
+# operator's limit is generation.max_num_beams.
+DEFAULT_MAX_NUM_BEAMS = 8
 
 
 def _enum(value: Any, enum_type, field: str):
@@ -68,12 +84,14 @@ class GenerationSettings:
             value = getattr(self, name)
             if value is not None and not (_number(value, name) and 0 < value <= 1):
                 raise ValueError(f"`{name}` must be in (0, 1], got {value}.")
-        for name in ("temperature", "repetition_penalty", "max_time"):
-            value = getattr(self, name)
-            if value is not None and not (_number(value, name) and value > 0):
-                raise ValueError(f"`{name}` must be > 0, got {value}.")
+        if self.temperature is not None:
+            _in_range(self.temperature, "temperature", TEMPERATURE_RANGE)
+        if self.repetition_penalty is not None:
+            _in_range(self.repetition_penalty, "repetition_penalty", REPETITION_PENALTY_RANGE)
+        if self.max_time is not None and not (_number(self.max_time, "max_time") > 0):
+            raise ValueError(f"`max_time` must be > 0 seconds, got {self.max_time}.")
         if self.seed is not None:
-            _int(self.seed, "seed", minimum=0)
+            _int(self.seed, "seed", minimum=0, maximum=MAX_SEED)
         set_("exponential_decay_length_penalty", _decay(self.exponential_decay_length_penalty))
         set_("stop_sequences", _stops(self.stop_sequences))
         if self.num_beams > 1 and (self.include_logprobs or self.include_ranks):
@@ -82,26 +100,51 @@ class GenerationSettings:
             )
 
     @classmethod
-    def from_request(cls, **values: Any) -> GenerationSettings:
+    def from_request(cls, max_num_beams: int = DEFAULT_MAX_NUM_BEAMS, **values: Any):
         """Build from a request's parameters; None means "use the default"."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown generation parameter(s) {unknown}; valid: {sorted(names)}.")
-        return cls(**{k: v for k, v in values.items() if v is not None})
+        settings = cls(**{k: v for k, v in values.items() if v is not None})
+        if settings.num_beams > max_num_beams:
+            raise ValueError(
+                f"`num_beams` may be at most {max_num_beams} on this server "
+                f"(generation.max_num_beams), got {_excerpt(settings.num_beams)}."
+            )
+        return settings
 
 
-def _number(value: Any, field: str) -> bool:
+def _number(value: Any, field: str) -> float:
+    """`value` as a finite float; NaN and infinities are refused."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError(f"`{field}` must be a number, got {type(value).__name__} {value!r}.")
-    return True
+    if not math.isfinite(value):
+        raise ValueError(f"`{field}` must be a finite number, got {value}.")
+    return float(value)
 
 
-def _int(value: Any, field: str, minimum: int) -> None:
+def _in_range(value: Any, field: str, bounds: tuple[float, float]) -> None:
+    low, high = bounds
+    if not low <= _number(value, field) <= high:
+        raise ValueError(
+            f"`{field}` must be in [{low:g}, {high:g}], got {value:g}: values outside it "
+            "make the scores overflow."
+        )
+
+
+def _int(value: Any, field: str, minimum: int, maximum: int = MAX_COUNT) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"`{field}` must be an integer, got {type(value).__name__} {value!r}.")
     if value < minimum:
         raise ValueError(f"`{field}` must be >= {minimum}, got {value}.")
+    if value > maximum:
+        raise ValueError(f"`{field}` must be <= {maximum}, got {_excerpt(value)}.")
+
+
+def _excerpt(value: Any, limit: int = 40) -> str:
+    text = str(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 def _decay(value: Any) -> tuple[int, float] | None:
@@ -118,10 +161,7 @@ def _decay(value: Any) -> tuple[int, float] | None:
         )
     start, factor = value
     _int(start, "exponential_decay_length_penalty.start_index", minimum=0)
-    if not (_number(factor, "exponential_decay_length_penalty.decay_factor") and factor >= 1.0):
-        raise ValueError(
-            f"`exponential_decay_length_penalty.decay_factor` must be >= 1.0, got {factor}."
-        )
+    _in_range(factor, "exponential_decay_length_penalty.decay_factor", DECAY_FACTOR_RANGE)
     return int(start), float(factor)
 
 
@@ -137,5 +177,12 @@ def _stops(value: Any) -> tuple[str, ...]:
         )
     for stop in stops:
         if not isinstance(stop, str) or not stop:
-            raise ValueError(f"`stop_sequences` entries must be non-empty strings, got {stop!r}.")
+            raise ValueError(
+                f"`stop_sequences` entries must be non-empty strings, got {_excerpt(repr(stop))}."
+            )
+        if len(stop) > MAX_STOP_SEQUENCE_CHARS:
+            raise ValueError(
+                f"`stop_sequences` entries may be at most {MAX_STOP_SEQUENCE_CHARS} characters, "
+                f"got one of {len(stop)}."
+            )
     return stops

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import random
+import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -34,6 +36,50 @@ class TokenEvent:
 class PreparedPrompt:
     ids: list[int]
     seed: int
+
+
+class TokenStream(Iterator):
+    """A stream of results that another thread can cancel.
+
+    The thread reading it may be waiting for the next token when its client goes away
+    (a dropped HTTP or gRPC stream); `cancel()`, called from the transport's side,
+    ends the generation at once and frees its batch row. Streams made while a
+    `watch_streams()` block is open on this thread are recorded in it, so a transport
+    can cancel the streams of a call that ended without reaching them itself.
+    """
+
+    def __init__(self, iterator: Iterator, cancel: Callable[[], None]):
+        self._iterator = iterator
+        self._cancel = cancel
+        watched = getattr(_WATCHED, "streams", None)
+        if watched is not None:
+            watched.append(self)
+
+    def __next__(self):
+        return next(self._iterator)
+
+    def cancel(self) -> None:
+        self._cancel()
+
+    def close(self) -> None:
+        self.cancel()
+        close = getattr(self._iterator, "close", None)
+        if close is not None:
+            close()
+
+
+_WATCHED = threading.local()
+
+
+@contextlib.contextmanager
+def watch_streams(streams: list[TokenStream]):
+    """Record in `streams` every TokenStream this thread makes inside the block."""
+    outer = getattr(_WATCHED, "streams", None)
+    _WATCHED.streams = streams
+    try:
+        yield streams
+    finally:
+        _WATCHED.streams = outer
 
 
 def context_length(model: PreTrainedModel) -> int | None:
@@ -152,15 +198,20 @@ def stream_generation(
     prompt: PreparedPrompt,
     prefix: PromptPrefix,
     settings: GenerationSettings,
-) -> Iterator[TokenEvent]:
-    """Generate token by token on this thread; each event is yielded as soon as its
-    token exists."""
-    decoder = RequestDecoder(model, tokenizer, prompt, prefix, settings)
-    session = DecodingSession(model, prompt.ids, prefix)
-    logits = session.prefill()
-    while True:
-        event = decoder.advance(logits)
-        yield event
-        if decoder.finished:
-            return
-        logits = session.step(event.token_id)
+) -> TokenStream:
+    """Generate token by token on the reading thread; each event is yielded as soon as
+    its token exists, and a cancelled stream stops before its next step."""
+    stop = threading.Event()
+
+    def tokens() -> Iterator[TokenEvent]:
+        decoder = RequestDecoder(model, tokenizer, prompt, prefix, settings)
+        session = DecodingSession(model, prompt.ids, prefix)
+        logits = session.prefill()
+        while not stop.is_set():
+            event = decoder.advance(logits)
+            yield event
+            if decoder.finished:
+                return
+            logits = session.step(event.token_id)
+
+    return TokenStream(tokens(), stop.set)

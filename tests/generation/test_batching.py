@@ -5,13 +5,16 @@ import threading
 import time
 
 import pytest
+import torch
 from caikit.core.data_model import DataStream
 from caikit.interfaces.nlp.data_model import FinishReason
 
 from caikit_tuning import PeftPromptTuning, TextGeneration, TrainGenerationRecord, TuningConfig
 from caikit_tuning.base_models import registry
+from caikit_tuning.base_models.prefix import PromptPrefix
 from caikit_tuning.generation import GenerationSettings
 from caikit_tuning.generation.batching import BatchingEngine, QueueFull, engine_for
+from caikit_tuning.generation.decoding import NonFiniteScores
 from caikit_tuning.generation.stream import prepare_prompt, stream_generation
 
 PROMPTS = [
@@ -148,6 +151,58 @@ def test_a_dropped_stream_stops_consuming_compute(prompt_models):
     steps = engine.steps
     time.sleep(0.3)
     assert engine.steps - steps <= 1  # the row left the batch: no more steps for it
+
+
+def test_a_row_whose_scores_go_non_finite_fails_alone(prompt_models):
+    """One request's NaN scores (here a broken soft prompt) end that request with a
+    clear error; the requests batched with it finish exactly as they would alone."""
+    model = prompt_models[0]
+    generator = model.generator
+    engine = engine_for(generator.model)
+    settings = GenerationSettings(max_new_tokens=12, min_new_tokens=12)
+    broken = PromptPrefix(decoder=torch.full_like(generator.prefix.decoder, float("nan")))
+
+    def submit(prefix, text):
+        prompt = prepare_prompt(generator.model, generator.tokenizer, text, prefix, settings)
+        return engine.submit(generator.tokenizer, prompt, prefix, settings)
+
+    def collect(prefix, text):
+        try:
+            return "".join(event.text for event in submit(prefix, text))
+        except NonFiniteScores as err:
+            return err
+
+    texts = [model.model_input(t) for t in PROMPTS]
+    calls = [lambda t=t: collect(generator.prefix, t) for t in texts]
+    calls.insert(2, lambda: collect(broken, texts[0]))
+    results = run_concurrently(calls)
+    failed = results.pop(2)
+    assert isinstance(failed, NonFiniteScores) and "NaN or infinite" in str(failed)
+    assert results == [unbatched(model, t, max_new_tokens=12, min_new_tokens=12) for t in PROMPTS]
+
+
+def test_cancelling_a_waiting_reader_frees_it_and_its_row_at_once(prompt_models):
+    """A transport cancels a stream while its reader waits for the next token (the
+    client went away): the reader returns at once and the row leaves the batch."""
+    model = prompt_models[0]
+    engine = engine_for(model.base.model)
+    stream = model.run_stream_out("the film is", max_new_tokens=400, min_new_tokens=400)
+    next(stream)
+    ended = threading.Event()
+
+    def read_rest():
+        for _ in stream:
+            pass
+        ended.set()
+
+    threading.Thread(target=read_rest, daemon=True).start()
+    time.sleep(0.1)
+    stream.cancel()
+    assert ended.wait(1.0)
+    time.sleep(0.2)
+    steps = engine.steps
+    time.sleep(0.3)
+    assert engine.steps - steps <= 1
 
 
 def test_a_full_queue_refuses_with_resource_exhausted(prompt_models):

@@ -73,11 +73,11 @@ def test_top_k_one_sampling_equals_greedy(generator):
 
 def test_eos_finish_and_min_new_tokens(generator):
     # The decay penalty makes EOS the likeliest token once one token exists.
-    forced = run(generator, max_new_tokens=20, exponential_decay_length_penalty=(0, 1e6))
+    forced = run(generator, max_new_tokens=20, exponential_decay_length_penalty=(0, 10.0))
     assert forced.finish_reason == FinishReason.EOS_TOKEN
     assert forced.generated_tokens == 2
     held = run(
-        generator, max_new_tokens=20, min_new_tokens=5, exponential_decay_length_penalty=(0, 1e6)
+        generator, max_new_tokens=20, min_new_tokens=5, exponential_decay_length_penalty=(0, 10.0)
     )
     assert held.generated_tokens == 6 and held.finish_reason == FinishReason.EOS_TOKEN
 
