@@ -12,16 +12,25 @@ from pathlib import Path
 
 # Staging folders start with a dot so model pollers that skip hidden entries ignore them.
 STAGING_PREFIX = ".staging-"
+# caikit writes this into every saved model folder.
+MODEL_CONFIG = "config.yml"
 
 
 @contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike) -> Iterator[Path]:
+def atomic_folder(path: str | os.PathLike, marker: str = MODEL_CONFIG) -> Iterator[Path]:
     """Yield an empty staging folder next to `path`; on success it becomes `path`.
 
     If the block raises, the staging folder is removed and `path` is left as it was.
-    An existing `path` is replaced only once the new folder is complete.
+    An existing `path` is replaced only once the new folder is complete, and only if
+    it is empty or holds `marker` (a saved caikit model has config.yml): a folder
+    holding anything else (other models) is never replaced.
     """
     target = Path(path).expanduser().resolve()
+    if target.is_dir() and not (target / marker).is_file() and any(target.iterdir()):
+        raise FileExistsError(
+            f"{target.name!r} is a folder that holds other files or models, not a saved "
+            "model; saving there would replace them. Choose another name."
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = target.parent / f"{STAGING_PREFIX}{target.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()

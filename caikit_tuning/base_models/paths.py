@@ -11,13 +11,14 @@ def resolve_under(root: str | Path, name: str, field: str) -> Path:
     """Return `root/name`, refusing anything that would land outside `root`.
 
     `name` may contain sub-folders ("team/model") but no absolute path, no ".."
-    and no symlink that leaves `root`.
+    and no symlink that leaves `root`. Messages name `root` by its role, never by its
+    path: they go back to remote callers.
     """
     if not isinstance(name, str) or not name.strip():
         raise ValueError(f"`{field}` must be a non-empty name, got {name!r}.")
     if "\x00" in name or name.startswith(("/", "\\", "~")) or re.match(r"^[A-Za-z]:", name):
         raise ValueError(
-            f"`{field}` must be a name relative to {root}, got {name!r}: "
+            f"`{field}` must be a name relative to its configured folder, got {name!r}: "
             "absolute paths are not allowed here."
         )
     parts = re.split(r"[\\/]", name)
@@ -26,7 +27,9 @@ def resolve_under(root: str | Path, name: str, field: str) -> Path:
     root_path = Path(root).resolve()
     candidate = (root_path / name).resolve()
     if not candidate.is_relative_to(root_path):
-        raise ValueError(f"`{field}` {name!r} resolves outside {root_path} and is refused.")
+        raise ValueError(
+            f"`{field}` {name!r} resolves outside its configured folder and is refused."
+        )
     return candidate
 
 

@@ -42,7 +42,7 @@ def prepare_smollm2(base_models_dir: str | Path) -> Path:
     if getattr(model, "hf_quantizer", None) is not None:
         # The weights are dequantized floats now; save_pretrained refuses otherwise.
         model.hf_quantizer.remove_quantization_config(model)
-    with atomic_folder(target) as staging:
+    with atomic_folder(target, marker="config.json") as staging:
         model.save_pretrained(staging, safe_serialization=True)
         tokenizer.save_pretrained(staging)
     return target

@@ -45,9 +45,12 @@ class TuningClient:
         http_url: str = "http://localhost:8080",
         channel: grpc.Channel | None = None,
         ca_certificate: bytes | None = None,
+        api_key: str | None = None,
     ):
-        """`ca_certificate` (PEM) switches both transports to TLS, trusting that CA."""
+        """`ca_certificate` (PEM) switches both transports to TLS, trusting that CA;
+        `api_key` is sent with every call (servers with runtime.auth keys need one)."""
         self.http_url = http_url.rstrip("/")
+        self._auth = [("authorization", f"Bearer {api_key}")] if api_key else []
         self._ssl = None
         if ca_certificate is not None:
             self._ssl = ssl.create_default_context(cadata=ca_certificate.decode())
@@ -96,7 +99,7 @@ class TuningClient:
             {"model_name": model_name, "parameters": body}, request_type()
         )
         try:
-            return getattr(self._train_stub, rpc)(request).training_id
+            return getattr(self._train_stub, rpc)(request, metadata=self._auth).training_id
         except grpc.RpcError as err:
             raise RuntimeCallError(err.code(), err.details()) from err
 
@@ -123,14 +126,14 @@ class TuningClient:
     def training_status(self, training_id: str) -> dict:
         request = TrainingInfoRequest(training_id=training_id).to_proto()
         try:
-            response = self._management_stub.GetTrainingStatus(request)
+            response = self._management_stub.GetTrainingStatus(request, metadata=self._auth)
         except grpc.RpcError as err:
             raise RuntimeCallError(err.code(), err.details()) from err
         return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
     def cancel(self, training_id: str) -> dict:
         request = TrainingInfoRequest(training_id=training_id).to_proto()
-        response = self._management_stub.CancelTraining(request)
+        response = self._management_stub.CancelTraining(request, metadata=self._auth)
         return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
     def wait(
@@ -189,7 +192,7 @@ class TuningClient:
         )
         try:
             response = self._inference_stub.TextGenerationTaskPredict(
-                request, metadata=[("mm-model-id", model_id)]
+                request, metadata=[("mm-model-id", model_id), *self._auth]
             )
         except grpc.RpcError as err:
             raise RuntimeCallError(err.code(), err.details()) from err
@@ -202,7 +205,7 @@ class TuningClient:
         )
         try:
             for message in self._inference_stub.ServerStreamingTextGenerationTaskPredict(
-                request, metadata=[("mm-model-id", model_id)]
+                request, metadata=[("mm-model-id", model_id), *self._auth]
             ):
                 yield json_format.MessageToDict(message, preserving_proto_field_name=True)
         except grpc.RpcError as err:
@@ -221,7 +224,7 @@ class TuningClient:
         return urllib.request.Request(
             self.http_url + path,
             data=json.dumps(body).encode("utf-8"),
-            headers={"Content-Type": "application/json"},
+            headers={"Content-Type": "application/json", **dict(self._auth)},
             method="POST",
         )
 

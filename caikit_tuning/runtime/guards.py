@@ -1,4 +1,5 @@
-"""Checks the caikit runtime lacks: model ids and data file paths stay in their folders.
+"""Checks the caikit runtime lacks: model ids and data file paths stay in their folders,
+and what goes back to callers never shows the server's own paths.
 
 caikit 0.29 lazily loads whatever path a model id spells ("/abs/path", "../x") and
 reads training files from anywhere. These guards wrap the runtime's own entry points,
@@ -8,7 +9,7 @@ so every transport (gRPC, HTTP) gets the same check and an INVALID_ARGUMENT erro
 from __future__ import annotations
 
 import functools
-import json
+import os
 from pathlib import Path
 
 import caikit
@@ -20,22 +21,20 @@ from grpc import StatusCode
 
 from ..base_models.paths import resolve_under
 from ..data.files import read_records_file
+from .names import check_model_name
 
 _INSTALLED = False
 
 
 def check_model_id(model_id: str) -> None:
-    """A model id is a plain name (or sub-path) inside local_models_dir."""
+    """A model id follows the model-name rule (runtime.names) and stays inside
+    local_models_dir (no symlink out of it)."""
     root = caikit.get_config().runtime.local_models_dir
     try:
+        check_model_name(model_id, "model_id")
         resolve_under(root, model_id, "model_id")
     except ValueError as err:
         raise CaikitRuntimeException(StatusCode.INVALID_ARGUMENT, str(err)) from err
-    if model_id.startswith(".") or "/." in model_id:
-        raise CaikitRuntimeException(
-            StatusCode.INVALID_ARGUMENT,
-            f"`model_id` must not name a hidden entry, got {model_id!r}.",
-        )
 
 
 def resolve_data_file(path: str) -> str:
@@ -64,12 +63,43 @@ def read_data_file(cls, fname: str, element_type: type) -> DataStream:
         raise CaikitRuntimeException(StatusCode.INVALID_ARGUMENT, str(err)) from err
 
 
+def public_text(text: str) -> str:
+    """`text` (an error message, a job's reason) with the server's absolute folders
+    replaced by the config keys that name them: callers see `<local_models_dir>/x`,
+    never where the server keeps its files."""
+    for folder, label in _server_folders():
+        text = text.replace(folder, label)
+    return text
+
+
+def _server_folders() -> list[tuple[str, str]]:
+    config = caikit.get_config()
+    runtime = config.runtime
+    named = {
+        "local_models_dir": runtime.get("local_models_dir"),
+        "training.output_dir": (runtime.get("training") or {}).get("output_dir"),
+        "base_models_dir": config.get("base_models_dir"),
+        "data_streams.file_source_base": (config.get("data_streams") or {}).get("file_source_base"),
+        "source_prompt_base": config.get("source_prompt_base"),
+    }
+    pairs = [(str(Path(os.getcwd())), ".")]
+    for label, folder in named.items():
+        if folder:
+            pairs.append((str(Path(folder).resolve()), f"<{label}>"))
+            if os.path.isabs(folder):
+                pairs.append((str(folder).rstrip("/"), f"<{label}>"))
+    # Longest first, so a folder inside another is named by its own key.
+    return sorted(set(pairs), key=lambda pair: -len(pair[0]))
+
+
 def install() -> None:
-    """Wrap the runtime's model lookup, local model loading and file reading (once)."""
+    """Wrap the runtime's model lookup, local model loading, file reading and error
+    answers (once)."""
     global _INSTALLED
     if _INSTALLED:
         return
     _INSTALLED = True
+    _install_public_errors()
 
     retrieve = ModelManager.retrieve_model
 
@@ -94,50 +124,27 @@ def install() -> None:
     FilePluginBase._create_data_stream_from_file = classmethod(read_data_file)
 
 
-class Utf8BodyGuard:
-    """ASGI middleware: a request body that is not UTF-8 gets HTTP 400 with the reason
-    (caikit's HTTP server would answer 500), and never reaches the handlers."""
+def _install_public_errors() -> None:
+    """Scrub server paths from caikit's runtime errors (both transports raise them)
+    and from the model list's paths."""
+    from caikit.runtime.servicers.info_servicer import InfoServicer
 
-    def __init__(self, app):
-        self.app = app
+    initialize = CaikitRuntimeException.__init__
 
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("method") not in ("POST", "PUT", "PATCH"):
-            return await self.app(scope, receive, send)
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return None
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
-        body = b"".join(chunks)
-        try:
-            body.decode("utf-8")
-        except UnicodeDecodeError as err:
-            return await _reject(send, f"the request body is not valid UTF-8 (byte {err.start}).")
-        replayed = False
+    @functools.wraps(initialize)
+    def public_init(self, status_code, message, *args, **kwargs):
+        initialize(self, status_code, public_text(str(message)), *args, **kwargs)
 
-        async def replay():
-            nonlocal replayed
-            if replayed:
-                return await receive()
-            replayed = True
-            return {"type": "http.request", "body": body, "more_body": False}
+    CaikitRuntimeException.__init__ = public_init
 
-        return await self.app(scope, replay, send)
+    models_info = InfoServicer._get_models_info
 
+    @functools.wraps(models_info)
+    def public_models_info(self, *args, **kwargs):
+        response = models_info(self, *args, **kwargs)
+        for model in response.models:
+            if model.model_path:
+                model.model_path = public_text(str(model.model_path))
+        return response
 
-async def _reject(send, details: str) -> None:
-    payload = json.dumps({"details": details, "code": 400}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 400,
-            "headers": [
-                (b"content-type", b"application/json"),
-                (b"content-length", str(len(payload)).encode()),
-            ],
-        }
-    )
-    await send({"type": "http.response.body", "body": payload})
+    InfoServicer._get_models_info = public_models_info

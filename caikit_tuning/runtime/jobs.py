@@ -9,6 +9,7 @@ import pickle
 import signal
 import subprocess
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from caikit.core.model_management.job_base import JobInfo
 from caikit.core.model_management.model_trainer_base import ModelTrainerFutureBase
 
 from ..base_models.paths import resolve_under
+from .names import check_model_name, check_no_overlap
 
 log = alog.use_channel("JOBS")
 
@@ -71,15 +73,23 @@ class JobRequest:
         save_path: str | None,
         save_with_id: bool,
         model_name: str | None,
+        pending: Iterable[str] = (),
     ) -> JobRequest:
+        if save_path is not None and not isinstance(save_path, (str, os.PathLike)):
+            raise ValueError(
+                "`output_path` is not supported: a trained model is saved in "
+                "runtime.training.output_dir, in the folder its `model_name` names."
+            )
         if not save_path:
             raise ValueError("the runtime has no training output directory configured.")
         if not model_name:
             raise ValueError("`model_name` is required: it names the trained model.")
-        # The model must land inside the output directory, under a plain name.
+        # The model lands inside the output directory, under a name inference can ask for,
+        # and never over or inside another model.
+        check_model_name(model_name, "model_name")
         resolve_under(save_path, model_name, "model_name")
-        if model_name.startswith("."):
-            raise ValueError(f"`model_name` must not start with '.', got {model_name!r}.")
+        if not save_with_id:
+            check_no_overlap(Path(save_path).resolve(), model_name, pending)
         kwargs = {name: _materialize(name, value) for name, value in kwargs.items()}
         validate = getattr(module_class, "validate_training", None)
         if validate is not None:
@@ -112,19 +122,26 @@ class JobRequest:
         return folder
 
 
-def build_request(module_class, args, kwargs, save_path, save_with_id, model_name) -> JobRequest:
-    """Validate a train call now, so a bad request fails at submission, not in a job."""
+def build_request(
+    module_class, args, kwargs, save_path, save_with_id, model_name, pending=()
+) -> JobRequest:
+    """Validate a train call now, so a bad request fails at submission, not in a job.
+    `pending`: the model names of queued and running jobs."""
     if args:
         raise ValueError("training arguments must be passed by name.")
     try:
-        return JobRequest.build(module_class, kwargs, save_path, save_with_id, model_name)
+        return JobRequest.build(module_class, kwargs, save_path, save_with_id, model_name, pending)
     except (ValueError, TypeError) as err:
         # Both transports map this to INVALID_ARGUMENT / HTTP 400, with our message.
         raise CaikitCoreException(CaikitCoreStatusCode.INVALID_ARGUMENT, str(err)) from err
 
 
 def job_info(status, reason, progress, submitted, completed) -> JobInfo:
-    """A job's status with its reason (ERRORED, CANCELED) or its progress note."""
+    """A job's status with its reason (ERRORED, CANCELED) or its progress note, as
+    callers see it (server folders named by their config keys)."""
+    from .guards import public_text
+
+    reason = public_text(reason) if reason else reason
     errors = None
     if status == TrainingStatus.ERRORED or (status == TrainingStatus.CANCELED and reason):
         errors = [TrainingFailed(reason)]
@@ -315,7 +332,8 @@ class Job(ModelTrainerFutureBase):
                 else:
                     self._finish_locked(
                         TrainingStatus.ERRORED,
-                        f"the worker process died ({how}) before finishing; see {self._folder / LOG_FILE}",
+                        f"the worker process died ({how}) before finishing; see "
+                        f"{self._folder / LOG_FILE} on the server",
                     )
         if retry:
             self._launch(self._slot)

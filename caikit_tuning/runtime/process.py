@@ -118,10 +118,13 @@ class RuntimeProcess:
     def __exit__(self, *exc) -> None:
         self.stop()
 
-    def client(self, ca_certificate: bytes | None = None) -> TuningClient:
+    def client(
+        self, ca_certificate: bytes | None = None, api_key: str | None = None
+    ) -> TuningClient:
         scheme = "https" if ca_certificate else "http"
         return TuningClient(
             f"localhost:{self.grpc_port}",
             f"{scheme}://localhost:{self.http_port}",
             ca_certificate=ca_certificate,
+            api_key=api_key,
         )

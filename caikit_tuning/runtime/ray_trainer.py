@@ -184,8 +184,14 @@ class RayTrainer(ModelTrainerBase):
         model_name: str | None = None,
         **kwargs,
     ) -> RayJob:
+        with self._lock:
+            pending = [
+                job.request.model_name
+                for job in self._jobs.values()
+                if not job.get_info().status.is_terminal
+            ]
         request = jobs.build_request(
-            module_class, args, kwargs, save_path, save_with_id, model_name
+            module_class, args, kwargs, save_path, save_with_id, model_name, pending
         )
         with self._lock:
             self._ray = self._ray or connect(self._settings)

@@ -148,7 +148,13 @@ class WorkerPoolTrainer(ModelTrainerBase):
         model_name: str | None = None,
         **kwargs,
     ) -> Job:
-        request = build_request(module_class, args, kwargs, save_path, save_with_id, model_name)
+        with self._lock:
+            pending = [
+                j.model_name for j in self._jobs.values() if not j.get_info().status.is_terminal
+            ]
+        request = build_request(
+            module_class, args, kwargs, save_path, save_with_id, model_name, pending
+        )
         job = Job.submitted(
             self._instance_name,
             external_training_id or str(uuid.uuid4()),

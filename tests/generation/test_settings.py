@@ -57,7 +57,11 @@ def test_decoding_method_accepts_names_and_enums():
         ({"exponential_decay_length_penalty": (0, float("inf"))}, ValueError, "decay_factor"),
         ({"max_time": float("nan")}, ValueError, "`max_time` must be a finite"),
         ({"decoding_method": "SAMPLING", "seed": 2**64}, ValueError, "`seed` must be <= "),
-        ({"max_new_tokens": 10**30}, ValueError, r"`max_new_tokens` must be <= 2147483647, got 1000"),
+        (
+            {"max_new_tokens": 10**30},
+            ValueError,
+            r"`max_new_tokens` must be <= 2147483647, got 1000",
+        ),
         ({"num_beams": 4096}, ValueError, r"`num_beams` may be at most 8"),
         ({"stop_sequences": ["x" * 300]}, ValueError, "at most 256 characters"),
         ({"exponential_decay_length_penalty": 5}, ValueError, r"\(start_index, decay_factor\)"),

@@ -119,6 +119,9 @@ def test_a_job_that_cannot_save_errors_with_the_reason_and_leaves_no_model(runti
     final = client.wait(job, poll_seconds=0.3, timeout=120)
     assert final["state"] == "ERRORED"
     assert "Error" in final["reasons"][0]
+    # The OS error names the folder by its config key, not by the server's path.
+    assert str(runtime.root.resolve()) not in final["reasons"][0]
+    assert "<local_models_dir>" in final["reasons"][0] or "blocked" in final["reasons"][0]
     assert (runtime.models / "blocked").is_file()
     assert not list(runtime.models.glob(".staging-*"))
     time.sleep(0.1)

@@ -267,7 +267,7 @@ def test_the_reason_names_a_dead_worker_else_the_first_exception(tmp_path):
     [
         ({"num_epochs": -1}, "`num_epochs` must be >= 1"),
         ({"base_model": "no-such-model"}, "`base_model` 'no-such-model' was not found"),
-        ({"model_name": "../escape"}, "`model_name` must not contain '..'"),
+        ({"model_name": "../escape"}, "`model_name` '../escape' is not a valid model name"),
     ],
 )
 def test_bad_requests_are_invalid_argument_at_submission(ray_runtime, overrides, message):
