@@ -191,16 +191,14 @@ MISBEHAVIOURS = {
 
 
 def bad_traffic(port: int, models: list[str], clients: int, stop_at: float, queue) -> None:
-    """In a process of its own: `clients` threads misbehaving until `stop_at`."""
+    """In a process of its own: `clients` threads misbehaving until `stop_at`, each
+    thread in one of the ways, the ways shared out evenly."""
     outcomes: dict[str, dict[str, int]] = {name: {} for name in MISBEHAVIOURS}
     lock = threading.Lock()
 
     def worker(index: int) -> None:
-        names = list(MISBEHAVIOURS)
-        turn = index
+        name = list(MISBEHAVIOURS)[index % len(MISBEHAVIOURS)]
         while time.time() < stop_at:
-            name = names[turn % len(names)]
-            turn += 1
             try:
                 outcome = MISBEHAVIOURS[name](port, random.choice(models))
             except Exception as err:  # noqa: BLE001  (an outcome like any other)
@@ -345,6 +343,8 @@ def main() -> None:
             trainer.start()
             clean = phase(client, models, args, sampler, 0, server.http_port)
             misbehaving = phase(client, models, args, sampler, args.bad_clients, server.http_port)
+            stop_training.set()
+            trainer.join(120)
             # SIGTERM with bad clients still connected: open streams never read.
             lingering = [_open_unread_stream(server.http_port) for _ in range(8)]
             began = time.monotonic()

@@ -99,3 +99,31 @@ def test_load_test_ci_sized_has_no_errors(tmp_path):
     summary = json.loads((tmp_path / "load_test.json").read_text())
     assert summary["rest"]["errors"] == 0 and summary["grpc"]["errors"] == 0, summary
     assert summary["training"]["completed"] == 3 and summary["training"]["most_queued_at_once"] >= 1
+
+
+def test_soak_ci_sized_keeps_every_good_request(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/soak.py",
+            "--seconds",
+            "4",
+            "--clients",
+            "4",
+            "--bad-clients",
+            "4",
+            "--results-dir",
+            str(tmp_path),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "soak.json").read_text())
+    for phase in ("clean", "misbehaving"):
+        assert summary[phase]["good"]["success_rate"] == 1.0, summary[phase]["good"]
+    bad = summary["misbehaving"]["bad"]
+    assert set(bad["bad_sampling_values"]) == {"400"} and set(bad["oversized_body"]) == {"413"}
+    assert summary["shutdown_seconds"] < 6
