@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +29,7 @@ from transformers.utils import logging as hf_logging
 from .paths import is_hub_id, resolve_under
 
 log = alog.use_channel("BASE")
+_FROM_PRETRAINED = threading.Lock()
 
 # Per-tensor loading bars would flood job logs; the job reports its own progress.
 hf_logging.disable_progress_bar()
@@ -106,7 +108,7 @@ def _locate_path(path: str, field: str) -> LocatedModel:
     folder = Path(path).expanduser().resolve()
     if not _is_model_folder(folder):
         raise ValueError(
-            f"`{field}` folder {folder} holds no Hugging Face model (config.json is missing)."
+            f"`{field}` folder {path} holds no Hugging Face model (config.json is missing)."
         )
     return LocatedModel(BaseModelSource(path=str(folder)), str(folder), local=True)
 
@@ -119,9 +121,9 @@ def _locate_name(name: str, field: str) -> LocatedModel:
     if allow_downloads() and is_hub_id(name):
         return LocatedModel(BaseModelSource(name=name), name, local=False)
     raise ValueError(
-        f"`{field}` {name!r} was not found: {folder} is not a model folder (base_models_dir="
-        f"{root.resolve()}). Save the model there, pass a model folder path, or set "
-        "ALLOW_DOWNLOADS=true to fetch hub models."
+        f"`{field}` {name!r} was not found: base_models_dir holds no model folder of that "
+        "name. Save the model there, pass a model folder path, or set ALLOW_DOWNLOADS=true "
+        "to fetch hub models."
     )
 
 
@@ -224,20 +226,24 @@ def load_model(
             "only safetensors are loaded (pickled .bin/.pt weights can run code). Convert it "
             "with save_pretrained(..., safe_serialization=True)."
         )
-    model = auto_class.from_pretrained(
-        located.location,
-        config=config,
-        dtype=dtype,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code(),
-        local_files_only=located.local,
-        attn_implementation="sdpa" if _supports_sdpa(auto_class, config) else "eager",
-        **(
-            {"quantization_config": quantization_config, "device_map": {"": device}}
-            if quantization_config is not None
-            else {}
-        ),
-    )
+    # transformers builds a model on the meta device and ties its weights afterwards,
+    # which is not thread-safe: two loads at once (the runtime loads models on a
+    # thread pool) left a tied lm_head.weight on the meta device. One load at a time.
+    with _FROM_PRETRAINED:
+        model = auto_class.from_pretrained(
+            located.location,
+            config=config,
+            dtype=dtype,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code(),
+            local_files_only=located.local,
+            attn_implementation="sdpa" if _supports_sdpa(auto_class, config) else "eager",
+            **(
+                {"quantization_config": quantization_config, "device_map": {"": device}}
+                if quantization_config is not None
+                else {}
+            ),
+        )
     return (model if quantization_config is not None else model.to(device)).eval()
 
 

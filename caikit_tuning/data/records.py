@@ -5,6 +5,8 @@ Two shapes are accepted:
   or any columns: "Context: {{context}} Question: {{question}}");
 - chat records: `{"messages": [{"role": ..., "content": ...}, ...]}` ending with an
   assistant turn, rendered with the tokenizer's chat template.
+caikit's ClassificationTrainRecord (`text`, `labels`) reads as a text record with
+input = text and output = the labels joined by ",", as caikit-nlp reads it.
 """
 
 from __future__ import annotations
@@ -12,10 +14,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
+from caikit.interfaces.nlp.data_model import ClassificationTrainRecord
+
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
 
 def _as_mapping(record: Any) -> dict[str, Any]:
+    if isinstance(record, ClassificationTrainRecord):
+        return {"input": record.text, "output": ",".join(record.labels or [])}
     if isinstance(record, dict):
         return record
     if hasattr(record, "to_dict"):

@@ -60,7 +60,9 @@ def beam_search(
         tokens.append(token)
         if token in eos_ids:
             break
-    assembler = TextAssembler(tokenizer, settings.stop_sequences)
+    assembler = TextAssembler(
+        tokenizer, settings.stop_sequences, () if encoder_decoder else prompt.ids
+    )
     text = "".join(assembler.add(t) for t in tokens if t not in eos_ids) + assembler.finish()
     if assembler.stopped:
         finish = FinishReason.STOP_SEQUENCE

@@ -134,17 +134,29 @@ class TextAssembler:
     Text is held back while it could still change: an unfinished multi-byte character,
     or an ending that could be the start of a stop sequence. Stop sequences are looked
     for in the generated text only, and are cut from it.
+
+    `context` (the prompt's last tokens) is decoded in front of the first generated
+    tokens, so the text is what decoding the whole sequence would add: a tokenizer that
+    joins words with spaces (WordPiece) or marks them on the token (SentencePiece) gives
+    the first word its space, as `decode(prompt + output)` does.
     """
 
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, stop_sequences: tuple[str, ...]):
+    CONTEXT_TOKENS = 4
+
+    def __init__(
+        self,
+        tokenizer: PreTrainedTokenizerBase,
+        stop_sequences: tuple[str, ...],
+        context: list[int] | tuple[int, ...] = (),
+    ):
         self.tokenizer = tokenizer
         self.stop_sequences = stop_sequences
-        self.ids: list[int] = []
+        self.ids: list[int] = list(context[-self.CONTEXT_TOKENS :]) if context else []
         self.text = ""
         self.released = 0
         self.stopped = False
         self._prefix_offset = 0
-        self._read_offset = 0
+        self._read_offset = len(self.ids)
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(

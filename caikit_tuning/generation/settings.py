@@ -6,9 +6,16 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any
 
+import alog
+
 from ..data_model import DecodingMethod, ExponentialDecayLengthPenalty
 
+log = alog.use_channel("GENSET")
+
 _SAMPLING_ONLY = ("top_k", "top_p", "typical_p", "temperature", "seed")
+# Clients of caikit-nlp and TGIS send one parameter set for every request: proto3 zeros
+# where a knob is unset, sampling knobs beside GREEDY. Both mean "not asked for".
+_UNSET_WHEN_ZERO = ("top_k", "top_p", "typical_p", "temperature", "repetition_penalty", "max_time")
 MAX_STOP_SEQUENCES = 16
 MAX_STOP_SEQUENCE_CHARS = 256
 # Counts and lengths fit a signed 32-bit integer; seeds an unsigned 64-bit one.
@@ -101,18 +108,34 @@ class GenerationSettings:
 
     @classmethod
     def from_request(cls, max_num_beams: int = DEFAULT_MAX_NUM_BEAMS, **values: Any):
-        """Build from a request's parameters; None means "use the default"."""
+        """Build from a request's parameters, read as the ecosystem's clients mean them:
+        None, and 0 for the knobs in _UNSET_WHEN_ZERO, mean "use the default";
+        sampling knobs beside GREEDY are ignored (as caikit-nlp and TGIS do). What was
+        ignored is logged. A direct GenerationSettings(...) call stays strict."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - names)
         if unknown:
             raise ValueError(f"unknown generation parameter(s) {unknown}; valid: {sorted(names)}.")
-        settings = cls(**{k: v for k, v in values.items() if v is not None})
+        values = {k: v for k, v in values.items() if v is not None}
+        ignored = [k for k in _UNSET_WHEN_ZERO if k in values and _is_zero(values[k])]
+        method = values.get("decoding_method", DecodingMethod.GREEDY)
+        if _enum(method, DecodingMethod, "decoding_method") == DecodingMethod.GREEDY:
+            ignored += [k for k in _SAMPLING_ONLY if k in values and k not in ignored]
+        if ignored:
+            log.info(
+                "generation request: ignored %s (unset, or SAMPLING-only with GREEDY)", ignored
+            )
+        settings = cls(**{k: v for k, v in values.items() if k not in ignored})
         if settings.num_beams > max_num_beams:
             raise ValueError(
                 f"`num_beams` may be at most {max_num_beams} on this server "
                 f"(generation.max_num_beams), got {_excerpt(settings.num_beams)}."
             )
         return settings
+
+
+def _is_zero(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0
 
 
 def _number(value: Any, field: str) -> float:

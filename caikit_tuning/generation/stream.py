@@ -154,7 +154,9 @@ class RequestDecoder:
         self.started = time.monotonic()
         self.eos_ids = eos_token_ids(model, tokenizer)
         self.chooser = TokenChooser(settings, prompt.ids, self.eos_ids, prompt.seed)
-        self.assembler = TextAssembler(tokenizer, settings.stop_sequences)
+        # A causal LM's output continues its prompt; a decoder of a seq2seq model starts afresh.
+        context = () if model.config.is_encoder_decoder else prompt.ids
+        self.assembler = TextAssembler(tokenizer, settings.stop_sequences, context)
         self.limit = None if model.config.is_encoder_decoder else context_length(model)
         self.virtual = PromptPrefix.length(prefix.decoder)
         self.sequence = list(prompt.ids)

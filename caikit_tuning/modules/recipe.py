@@ -15,6 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import alog
 import caikit
 import torch
 from caikit.core.data_model import ProducerId
@@ -57,6 +58,8 @@ from ..training.segment_attention import segment_attention
 from ..training.tracking import Tracker, record_model_path
 from .presets import apply_preset
 
+log = alog.use_channel("RECIPE")
+
 TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings)) + (
     "validation",
     "optimization",
@@ -78,6 +81,9 @@ class TrainingPlan:
     amp_dtype: torch.dtype | None = None
     # {"type": linear|dynamic, "factor": f} applied to the base model's rotary embeddings.
     rope_scaling: dict | None = None
+    # What the request asked for that was read another way, as caikit-nlp reads it
+    # (logged, and recorded in the saved model's training metadata).
+    notes: tuple[str, ...] = ()
 
     def load_base(self, quantization_config: Any | None = None) -> BaseModel:
         """Load the base model for training (a private copy: training changes it)."""
@@ -132,7 +138,15 @@ def plan_training(
     rope_scaled(config, rope)  # refuses models without rotary embeddings, now
     device_, dtype = placement(device, torch_dtype)
     amp = None if torch_dtype else autocast_dtype(device_, dtype)
-    return TrainingPlan(training, template, located, encoder_decoder, device_, dtype, amp, rope)
+    notes = []
+    asked_fp16 = str(torch_dtype).lower().removeprefix("torch.") in ("float16", "fp16")
+    if asked_fp16 and dtype != torch.float16:
+        notes.append("torch_dtype float16 is not supported on CPU: trained in float32")
+    if training.num_epochs == 0:
+        notes.append("num_epochs 0: no training, the initial weights are kept (as caikit-nlp)")
+    return TrainingPlan(
+        training, template, located, encoder_decoder, device_, dtype, amp, rope, tuple(notes)
+    )
 
 
 def trained_on_chat(records: list[dict]) -> bool:
@@ -160,12 +174,33 @@ def training_values(arguments: dict[str, Any], method: str) -> dict[str, Any]:
     return apply_preset(method, arguments.get("preset"), values)
 
 
+def training_data_limit(module_ids: tuple[str, ...], plan: TrainingPlan) -> int:
+    """caikit-nlp's `training_data_limit` config: the most training records a module
+    (by id) may use on a base model (by folder name); 0 or less is no limit.
+
+        training_data_limit:
+          __default__: -1               # every module, every base model
+          <module id>:
+            __default__: 10000          # this module, any base model
+            SmolLM2-135M-Instruct: 500  # this module on this base model
+    """
+    limits = dict(caikit.get_config().get("training_data_limit") or {})
+    limit = limits.get("__default__", -1)
+    name = plan.located.source.name or Path(plan.located.location).name
+    for module_id in module_ids:
+        if isinstance(limits.get(module_id), dict):
+            per_model = dict(limits[module_id])
+            limit = per_model.get(name, per_model.get("__default__", limit))
+            break
+    return int(limit or 0)
+
+
 def read_records(
-    train_stream: Any, val_stream: Any, plan: TrainingPlan
+    train_stream: Any, val_stream: Any, plan: TrainingPlan, module_ids: tuple[str, ...] = ()
 ) -> tuple[list[dict], list[dict]]:
     """Training and validation records, checked against the plan; without a val_stream,
     validation.split_ratio of the training records (chosen with split_seed) become the
-    validation set."""
+    validation set. `module_ids` name the module for `training_data_limit`."""
     training = plan.training
     cap = int(caikit.get_config().get("max_training_records") or 0)
     if training.mixture:
@@ -181,6 +216,13 @@ def read_records(
         except ValueError as err:
             raise ValueError(f"`data.mixture`: {err}") from err
     records = collect_records(train_stream, "train_stream", cap)
+    limit = training_data_limit(module_ids, plan)
+    if limit > 0 and len(records) > limit:
+        raise ValueError(
+            f"`train_stream` has {len(records)} records; training_data_limit allows at most "
+            f"{limit} for this module on base model {plan.located.source}. Use fewer records "
+            "or raise the limit in the config."
+        )
     val_records = collect_records(val_stream, "val_stream", required=False)
     for name, rows in (("train_stream", records), ("val_stream", val_records)):
         if rows and is_chat(rows[0]):
@@ -342,8 +384,13 @@ def _accuracy(
     return accuracy
 
 
-def training_summary(plan: TrainingPlan, result: TrainingResult, num_records: int) -> dict:
-    """What a saved model records about how it was trained."""
+def training_summary(
+    plan: TrainingPlan, result: TrainingResult, num_records: int, notes: tuple[str, ...] = ()
+) -> dict:
+    """What a saved model records about how it was trained; `notes` (with the plan's)
+    say what in the request was read another way."""
+    for note in (*plan.notes, *notes):
+        log.warning("training request: %s", note)
     return {
         **plan.training.to_config(),
         "torch_dtype": str(plan.dtype).removeprefix("torch."),
@@ -360,6 +407,7 @@ def training_summary(plan: TrainingPlan, result: TrainingResult, num_records: in
         "resumed_from_step": result.resumed_from_step,
         "tracking_run_id": result.tracking_run_id,
         "rope_scaling": plan.rope_scaling,
+        "notes": [*plan.notes, *notes],
     }
 
 

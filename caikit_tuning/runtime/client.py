@@ -6,12 +6,15 @@ client = TuningClient("localhost:8085", "http://localhost:8080")
 job = client.train_prompt_tuning("my-model", "SmolLM2-135M-Instruct", records=[...])
 client.wait(job)
 print(client.generate("my-model", "A fine film.")["generated_text"])
+
+It learns the server's gRPC services and messages from the server itself (gRPC
+reflection), so it works with any service naming (caikit-nlp's `caikit.runtime.Nlp`,
+or another `runtime.service_generation` domain) and needs no local caikit config.
 """
 
 from __future__ import annotations
 
 import json
-import logging
 import ssl
 import time
 import urllib.error
@@ -20,11 +23,12 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import grpc
-from caikit.interfaces.runtime.data_model import TrainingInfoRequest
-from caikit.runtime.service_factory import ServicePackageFactory
 from google.protobuf import json_format
-
-import caikit_tuning  # noqa: F401  (configures caikit: the service names derive from it)
+from google.protobuf.descriptor_pool import DescriptorPool
+from google.protobuf.message_factory import GetMessageClass
+from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+    ProtoReflectionDescriptorDatabase,
+)
 
 TERMINAL_STATES = ("COMPLETED", "ERRORED", "CANCELED")
 
@@ -57,18 +61,22 @@ class TuningClient:
             credentials = grpc.ssl_channel_credentials(root_certificates=ca_certificate)
             channel = channel or grpc.secure_channel(grpc_target, credentials)
         self.channel = channel or grpc.insecure_channel(grpc_target)
-        # Building the stubs makes caikit warn, once per module, that a module with two
-        # tasks names its train RPC after the first: expected here, and noise to a client.
-        names_log = logging.getLogger("RNTM-NAMES")
-        if names_log.level == logging.NOTSET:
-            names_log.setLevel(logging.ERROR)
-        factory = ServicePackageFactory
-        self._training = factory.get_service_package(factory.ServiceType.TRAINING)
-        self._inference = factory.get_service_package(factory.ServiceType.INFERENCE)
-        management = factory.get_service_package(factory.ServiceType.TRAINING_MANAGEMENT)
-        self._train_stub = self._training.stub_class(self.channel)
-        self._inference_stub = self._inference.stub_class(self.channel)
-        self._management_stub = management.stub_class(self.channel)
+        self._api: _ServerApi | None = None
+
+    @property
+    def api(self) -> _ServerApi:
+        """The server's gRPC methods, learned by reflection on first use."""
+        if self._api is None:
+            try:
+                self._api = _ServerApi(self.channel)
+            except grpc.RpcError as err:
+                raise RuntimeCallError(err.code(), err.details()) from err
+        return self._api
+
+    def _call(self, method: str, body: dict, metadata: list | None = None, stream: bool = False):
+        call, request_type = self.api.method(method, stream)
+        request = json_format.ParseDict(body, request_type())
+        return call(request, metadata=[*(metadata or []), *self._auth])
 
     # ------------------------------------------------------------- training
 
@@ -88,18 +96,15 @@ class TuningClient:
         under the server's data_streams.file_source_base. Other keyword arguments are
         the module's train() parameters (num_epochs, learning_rate, verbalizer, ...).
         """
-        rpc = f"TextGenerationTask{module}Train"
-        request_type = getattr(self._training.messages, f"{rpc}Request")
         body = {"base_model": base_model, **parameters}
         if records is not None:
             body["train_stream"] = {"jsondata": {"data": records}}
         if file is not None:
             body["train_stream"] = {"file": {"filename": file}}
-        request = json_format.ParseDict(
-            {"model_name": model_name, "parameters": body}, request_type()
-        )
         try:
-            return getattr(self._train_stub, rpc)(request, metadata=self._auth).training_id
+            return self._call(
+                f"TextGenerationTask{module}Train", {"model_name": model_name, "parameters": body}
+            ).training_id
         except grpc.RpcError as err:
             raise RuntimeCallError(err.code(), err.details()) from err
 
@@ -124,16 +129,17 @@ class TuningClient:
         )
 
     def training_status(self, training_id: str) -> dict:
-        request = TrainingInfoRequest(training_id=training_id).to_proto()
         try:
-            response = self._management_stub.GetTrainingStatus(request, metadata=self._auth)
+            response = self._call("GetTrainingStatus", {"training_id": training_id})
         except grpc.RpcError as err:
             raise RuntimeCallError(err.code(), err.details()) from err
         return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
     def cancel(self, training_id: str) -> dict:
-        request = TrainingInfoRequest(training_id=training_id).to_proto()
-        response = self._management_stub.CancelTraining(request, metadata=self._auth)
+        try:
+            response = self._call("CancelTraining", {"training_id": training_id})
+        except grpc.RpcError as err:
+            raise RuntimeCallError(err.code(), err.details()) from err
         return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
     def wait(
@@ -168,17 +174,15 @@ class TuningClient:
         )
         try:
             with urllib.request.urlopen(request, context=self._ssl) as response:
-                event = None
                 for raw in response:
                     line = raw.decode("utf-8").rstrip("\r\n")
-                    if line.startswith("event:"):
-                        event = line.split(":", 1)[1].strip()
-                    elif line.startswith("data:"):
-                        data = json.loads(line.split(":", 1)[1])
-                        if event == "error":
-                            raise RuntimeCallError(data.get("code"), data.get("details", ""))
-                        yield data
-                        event = None
+                    if not line.startswith("data:"):
+                        continue  # blank separators, and event names some servers send
+                    data = json.loads(line.split(":", 1)[1])
+                    # An error event carries `code` and `details` (named or not).
+                    if "code" in data and "details" in data:
+                        raise RuntimeCallError(data["code"], data["details"])
+                    yield data
         except urllib.error.HTTPError as err:
             raise _http_error(err) from err
 
@@ -187,25 +191,23 @@ class TuningClient:
         return self._post("/api/v1/task/tokenization", self._body(model_id, text, {}))
 
     def generate_grpc(self, model_id: str, text: str, **parameters: Any) -> dict:
-        request = json_format.ParseDict(
-            {"text": text, **parameters}, self._inference.messages.TextGenerationTaskRequest()
-        )
         try:
-            response = self._inference_stub.TextGenerationTaskPredict(
-                request, metadata=[("mm-model-id", model_id), *self._auth]
+            response = self._call(
+                "TextGenerationTaskPredict",
+                {"text": text, **parameters},
+                [("mm-model-id", model_id)],
             )
         except grpc.RpcError as err:
             raise RuntimeCallError(err.code(), err.details()) from err
         return json_format.MessageToDict(response, preserving_proto_field_name=True)
 
     def stream_grpc(self, model_id: str, text: str, **parameters: Any) -> Iterator[dict]:
-        request = json_format.ParseDict(
-            {"text": text, **parameters},
-            self._inference.messages.ServerStreamingTextGenerationTaskRequest(),
-        )
         try:
-            for message in self._inference_stub.ServerStreamingTextGenerationTaskPredict(
-                request, metadata=[("mm-model-id", model_id), *self._auth]
+            for message in self._call(
+                "ServerStreamingTextGenerationTaskPredict",
+                {"text": text, **parameters},
+                [("mm-model-id", model_id)],
+                stream=True,
             ):
                 yield json_format.MessageToDict(message, preserving_proto_field_name=True)
         except grpc.RpcError as err:
@@ -234,6 +236,44 @@ class TuningClient:
                 return json.loads(response.read())
         except urllib.error.HTTPError as err:
             raise _http_error(err) from err
+
+
+class _ServerApi:
+    """A server's methods by name (`TextGenerationTaskPredict`, `GetTrainingStatus`, ...),
+    with their request types, from gRPC reflection."""
+
+    def __init__(self, channel: grpc.Channel):
+        self._channel = channel
+        database = ProtoReflectionDescriptorDatabase(channel)
+        self._pool = DescriptorPool(database)
+        self._methods = {
+            method.name: method
+            for name in database.get_services()
+            if name.startswith("caikit.runtime.")
+            for method in self._pool.FindServiceByName(name).methods
+        }
+        self._calls: dict[tuple[str, bool], tuple] = {}
+
+    def method(self, name: str, stream: bool = False):
+        key = (name, stream)
+        if key not in self._calls:
+            method = self._methods.get(name)
+            if method is None:
+                raise RuntimeCallError(
+                    grpc.StatusCode.UNIMPLEMENTED,
+                    f"the server has no method {name}; it has {sorted(self._methods)}",
+                )
+            request_type = GetMessageClass(method.input_type)
+            response_type = GetMessageClass(method.output_type)
+            path = f"/{method.containing_service.full_name}/{method.name}"
+            factory = self._channel.unary_stream if stream else self._channel.unary_unary
+            call = factory(
+                path,
+                request_serializer=request_type.SerializeToString,
+                response_deserializer=response_type.FromString,
+            )
+            self._calls[key] = (call, request_type)
+        return self._calls[key]
 
 
 def _http_error(err: urllib.error.HTTPError) -> RuntimeCallError:

@@ -42,9 +42,13 @@ def export(out_dir: str | Path, config_file: str | None = None) -> Path:
 def _openapi() -> str:
     from caikit.runtime.http_server import RuntimeHTTPServer
 
-    # Built, never started: nothing listens.
-    spec = RuntimeHTTPServer().app.openapi()
-    return json.dumps(spec, indent=2, sort_keys=True)
+    from .server import patch_http_server
+
+    patch_http_server()
+    # Built, never started: nothing listens. The spec is made as start() makes it.
+    server = RuntimeHTTPServer()
+    server._patch_openapi_spec()
+    return json.dumps(server.app.openapi_schema, indent=2, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -123,18 +123,40 @@ def serve(config_file: str | None = None, host: str | None = None) -> None:
     _shut_down(servers, settings.shutdown_timeout_seconds)
 
 
-def _start_http(settings):
+def patch_http_server() -> None:
+    """What caikit's HTTP server does differently here (once): streams that let go of
+    their thread when the client does, readiness at /health, and the API as the
+    ecosystem's clients read it (runtime.http_api)."""
     import caikit.runtime.http_server.http_server as caikit_http
+    from caikit.runtime.http_server import RuntimeHTTPServer
+
+    from .http_api import plain_event, shape_for_clients
+    from .streaming import async_iterate
+
+    if getattr(RuntimeHTTPServer, "_caikit_tuning_patched", False):
+        return
+    # caikit's streaming handler looks these names up at every request.
+    caikit_http.async_wrap_iter = async_iterate
+    caikit_http.ServerSentEvent = plain_event
+    RuntimeHTTPServer._health_check = staticmethod(_readiness)
+    patch_spec = RuntimeHTTPServer._patch_openapi_spec
+
+    def shaped_spec(self) -> None:
+        patch_spec(self)
+        shape_for_clients(self.app.openapi_schema)
+
+    RuntimeHTTPServer._patch_openapi_spec = shaped_spec
+    RuntimeHTTPServer._caikit_tuning_patched = True
+
+
+def _start_http(settings):
     from caikit.runtime.http_server import RuntimeHTTPServer
 
     from .http_guard import RequestGuard, short_validation_errors
     from .http_protocol import GuardedH11Protocol
-    from .streaming import async_iterate
 
     GuardedH11Protocol.limits = settings.limits
-    # caikit's streaming handler looks this name up at every request.
-    caikit_http.async_wrap_iter = async_iterate
-    RuntimeHTTPServer._health_check = staticmethod(_readiness)
+    patch_http_server()
     http_server = RuntimeHTTPServer()
     http_server.server.config.host = settings.host
     http_server.app.add_middleware(RequestGuard, settings=settings)

@@ -5,8 +5,11 @@ from __future__ import annotations
 import os
 import random
 
+import alog
 import numpy as np
 import torch
+
+log = alog.use_channel("DEVICE")
 
 _DTYPES = {
     "float32": torch.float32,
@@ -68,7 +71,10 @@ def resolve_dtype(torch_dtype: str | torch.dtype | None, device: torch.device) -
             f"`torch_dtype` must be one of {sorted(set(_DTYPES))} or null, got {torch_dtype!r}."
         ) from err
     if dtype == torch.float16 and device.type == "cpu":
-        raise ValueError("`torch_dtype` float16 is not supported on CPU; use bfloat16 or float32.")
+        # As caikit-nlp does for dtypes the device lacks: float16 matmuls on CPU are slow
+        # and overflow in training (caikit-nlp's own fp16 CPU runs end in NaN).
+        log.warning("`torch_dtype` float16 is not supported on CPU: using float32")
+        return torch.float32
     if dtype == torch.bfloat16 and device.type == "cuda" and not bf16_supported(device):
         raise ValueError("`torch_dtype` bfloat16 is not supported by this GPU; use float16.")
     return dtype

@@ -87,6 +87,8 @@ def train(
     params = list(params)
     if not params:
         raise ValueError("nothing to train: no parameter requires a gradient.")
+    if settings.num_epochs == 0:
+        return TrainingResult()
     run = _Run(model, params, loss_fn, examples, collate, settings, device, amp_dtype)
     run.val_examples = val_examples or []
     run.accuracy_fn = accuracy_fn

@@ -199,7 +199,8 @@ class TrainingSettings:
     num_processes: int = 1
 
     def __post_init__(self):
-        _int(self.num_epochs, "num_epochs", 1)
+        # 0: no training at all (caikit-nlp accepts it and keeps the initial weights).
+        _int(self.num_epochs, "num_epochs", 0)
         _int(self.batch_size, "batch_size", 1)
         _int(self.accumulate_steps, "accumulate_steps", 1)
         _int(self.max_source_length, "max_source_length", 1)

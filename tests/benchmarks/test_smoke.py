@@ -107,7 +107,7 @@ def test_soak_ci_sized_keeps_every_good_request(tmp_path):
             sys.executable,
             "benchmarks/soak.py",
             "--seconds",
-            "4",
+            "2",
             "--clients",
             "4",
             "--bad-clients",

@@ -24,13 +24,11 @@ def test_decoding_method_accepts_names_and_enums():
         ({"max_new_tokens": 0}, ValueError, "`max_new_tokens` must be >= 1"),
         ({"max_new_tokens": "5"}, TypeError, "`max_new_tokens` must be an integer"),
         ({"min_new_tokens": 30, "max_new_tokens": 10}, ValueError, "must not exceed"),
-        ({"top_k": 5}, ValueError, "`top_k` only apply to decoding_method SAMPLING"),
-        ({"temperature": 0.5, "seed": 1}, ValueError, "`temperature`, `seed` only apply"),
-        ({"decoding_method": "SAMPLING", "top_p": 0.0}, ValueError, r"`top_p` must be in \(0, 1\]"),
+        ({"decoding_method": "SAMPLING", "top_p": -0.5}, ValueError, r"`top_p` must be in \(0, 1\]"),
         ({"decoding_method": "SAMPLING", "top_p": 1.5}, ValueError, r"`top_p` must be in \(0, 1\]"),
         ({"decoding_method": "SAMPLING", "typical_p": -1}, ValueError, "`typical_p`"),
         (
-            {"decoding_method": "SAMPLING", "temperature": 0},
+            {"decoding_method": "SAMPLING", "temperature": 1e-4},
             ValueError,
             r"`temperature` must be in \[0.001, 1000\]",
         ),
@@ -39,8 +37,9 @@ def test_decoding_method_accepts_names_and_enums():
             ValueError,
             r"`decoding_method` must be one of \['GREEDY', 'SAMPLING'\]",
         ),
-        ({"repetition_penalty": 0}, ValueError, r"`repetition_penalty` must be in \[0.01, 100\]"),
+        ({"repetition_penalty": 1e-3}, ValueError, r"`repetition_penalty` must be in \[0.01, 100\]"),
         ({"max_time": -1.0}, ValueError, "`max_time` must be > 0"),
+        # Straight GenerationSettings(...) stays strict about GREEDY + sampling knobs.
         ({"stop_sequences": "stop"}, TypeError, "list of strings"),
         ({"stop_sequences": [""]}, ValueError, "non-empty strings"),
         ({"truncate_input_tokens": -1}, ValueError, "`truncate_input_tokens` must be >= 0"),
@@ -71,3 +70,18 @@ def test_decoding_method_accepts_names_and_enums():
 def test_invalid_values_name_the_field(values, error, message):
     with pytest.raises(error, match=message):
         GenerationSettings.from_request(**values)
+
+
+def test_requests_read_as_caikit_nlp_clients_mean_them():
+    """caikit-nlp / TGIS clients send one parameter set: sampling knobs beside GREEDY
+    and proto3 zeros for unset. Both are accepted and ignored, as caikit-nlp does."""
+    greedy = GenerationSettings.from_request(
+        decoding_method="GREEDY", top_k=3, top_p=0.5, typical_p=0.5, temperature=0.01, seed=7
+    )
+    assert greedy == GenerationSettings()
+    zeros = GenerationSettings.from_request(
+        decoding_method="SAMPLING", repetition_penalty=0.0, top_p=0.0, temperature=0.0, top_k=0
+    )
+    assert zeros == GenerationSettings(decoding_method="SAMPLING")
+    with pytest.raises(ValueError, match="only apply to decoding_method SAMPLING"):
+        GenerationSettings(top_k=5)

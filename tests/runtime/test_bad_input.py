@@ -46,7 +46,11 @@ GENERATE = "/api/v1/task/text-generation"
             (400, 422),
         ),
         (b'{"model_id": "bad-input-base", "inputs": 42}', (400, 422)),
-        (b'{"model_id": "bad-input-base", "inputs": "x", "parameters": {"top_k": -3}}', (400,)),
+        (
+            b'{"model_id": "bad-input-base", "inputs": "x", '
+            b'"parameters": {"decoding_method": "SAMPLING", "top_k": -3}}',
+            (400,),
+        ),
         (b'{"model_id": "bad-input-base", "inputs": "x", "parameters": {"bogus": 1}}', (400, 422)),
         (b'{"model_id": "bad-input-base", "inputs": "x"', (400, 422)),
         (b'{"model_id": "bad-input-base", "inputs": "\xff\xfe"}', (400, 422)),

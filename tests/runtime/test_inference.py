@@ -45,7 +45,7 @@ def test_unknown_model_is_not_found(runtime, client):
     ("parameters", "message"),
     [
         ({"max_new_tokens": 0}, "`max_new_tokens` must be >= 1"),
-        ({"top_k": 3}, "`top_k` only apply to decoding_method SAMPLING"),
+        ({"num_beams": 2, "decoding_method": "SAMPLING"}, "`num_beams` > 1 is beam search"),
         ({"decoding_method": "SAMPLING", "top_p": 2.0}, "`top_p` must be in (0, 1]"),
         ({"min_new_tokens": 9, "max_new_tokens": 3}, "must not exceed"),
         ({"stop_sequences": [""]}, "non-empty strings"),

@@ -265,7 +265,7 @@ def test_the_reason_names_a_dead_worker_else_the_first_exception(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "message"),
     [
-        ({"num_epochs": -1}, "`num_epochs` must be >= 1"),
+        ({"num_epochs": -1}, "`num_epochs` must be >= 0"),
         ({"base_model": "no-such-model"}, "`base_model` 'no-such-model' was not found"),
         ({"model_name": "../escape"}, "`model_name` '../escape' is not a valid model name"),
     ],

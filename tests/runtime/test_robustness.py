@@ -281,7 +281,7 @@ def test_training_never_replaces_or_nests_in_another_model(runtime, client):
 
 def test_undecodable_protobuf_is_invalid_argument(runtime):
     channel = grpc.insecure_channel(f"127.0.0.1:{runtime.grpc_port}")
-    call = channel.unary_unary("/caikit.runtime.Tuning.TuningService/TextGenerationTaskPredict")
+    call = channel.unary_unary("/caikit.runtime.Nlp.NlpService/TextGenerationTaskPredict")
     for garbage in (b"\xff\xff\xff\xff\x0f garbage", b"\x0a\x80"):  # junk; a truncated field
         with pytest.raises(grpc.RpcError) as caught:
             call(garbage, metadata=[("mm-model-id", "robust-base")], timeout=30)
@@ -338,7 +338,8 @@ def test_listening_beyond_loopback_needs_tls_or_keys():
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, base_models_dir):
     """A server with API keys, small limits and a pool of four inference threads; the
-    folder caikit's unix socket would use exists."""
+    folder caikit's unix socket would use exists. Its services are named by another
+    domain, set from the environment (the project's client finds them by reflection)."""
     os.makedirs("/tmp/mmesh", exist_ok=True)
     extra = {
         "runtime": {
@@ -349,7 +350,7 @@ def guarded(tmp_path_factory, base_models_dir):
     }
     server = Runtime(tmp_path_factory.mktemp("guarded"), base_models_dir, extra=extra)
     TextGeneration.bootstrap("tiny-llama").save(str(server.models / "base"))
-    server.start()
+    server.start(env={"RUNTIME_SERVICE_GENERATION_DOMAIN": "Tuning"})
     yield server
     server.stop()
 
@@ -368,6 +369,22 @@ def test_api_keys_are_required_on_both_transports(guarded):
     keyed = RuntimeProcess.client(guarded, api_key=API_KEY)
     assert int(keyed.generate_grpc("base", "x", max_new_tokens=1)["generated_tokens"]) == 1
     assert keyed.generate("base", "x", max_new_tokens=1)["generated_tokens"] == 1
+
+
+def test_service_names_follow_the_environment_and_the_client_follows_them(guarded):
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
+        ProtoReflectionDescriptorDatabase,
+    )
+
+    channel = grpc.insecure_channel(f"127.0.0.1:{guarded.grpc_port}")
+    services = ProtoReflectionDescriptorDatabase(channel).get_services()
+    assert "caikit.runtime.Tuning.TuningService" in services
+    assert not [name for name in services if ".Nlp." in name]
+    client = RuntimeProcess.client(guarded, api_key=API_KEY)
+    assert int(client.generate_grpc("base", "x", max_new_tokens=1)["generated_tokens"]) == 1
+    with pytest.raises(RuntimeCallError) as caught:
+        client.training_status("no-such-training")
+    assert caught.value.code == grpc.StatusCode.NOT_FOUND
 
 
 def test_only_configured_host_names_are_answered(guarded):

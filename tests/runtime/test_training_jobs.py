@@ -153,7 +153,7 @@ def test_a_killed_worker_errors_the_job_and_the_next_job_runs(runtime, client):
             {"tuning_config": {"num_virtual_tokens": 2, "prompt_tuning_init_method": "BOGUS"}},
             "prompt_tuning_init_method` must be one of",
         ),
-        ({"num_epochs": -1}, "`num_epochs` must be >= 1"),
+        ({"num_epochs": -1}, "`num_epochs` must be >= 0"),
         ({"batch_size": -4}, "`batch_size` must be >= 1"),
         ({"model_name": "../escape"}, "`model_name` '../escape' is not a valid model name"),
         ({"model_name": "/abs"}, "`model_name` '/abs' is not a valid model name"),

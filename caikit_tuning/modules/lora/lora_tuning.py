@@ -200,7 +200,7 @@ class LoraTuning(ModuleBase):
             the trained LoraTuning model.
         """
         plan, adapter = _plan(locals())
-        records, val_records = read_records(train_stream, val_stream, plan)
+        records, val_records = read_records(train_stream, val_stream, plan, (cls.MODULE_ID,))
         seed_everything(plan.training.seed)
         base = _load_base(plan, adapter.quantization)
         peft_model, settings = _attach(base, adapter, _total_steps(plan.training, len(records)))
@@ -244,7 +244,7 @@ class LoraTuning(ModuleBase):
         at submission so a bad request fails at once, before a job starts."""
         values = bind_arguments(cls.train, arguments)
         plan, _ = _plan(values)
-        read_records(values["train_stream"], values["val_stream"], plan)
+        read_records(values["train_stream"], values["val_stream"], plan, (cls.MODULE_ID,))
 
     def model_input(self, text: str) -> str:
         """The model sees `text` through the verbalizer it was trained with."""

@@ -14,6 +14,7 @@ from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 from ...base_models import (
     BaseModel,
     BaseModelSource,
+    LocatedModel,
     atomic_folder,
     hidden_size,
     load_model_config,
@@ -35,6 +36,13 @@ from ...data_model import (
 )
 from ...generation import TextGenerator, generation_api
 from ...training import seed_everything
+from ..caikit_nlp import (
+    PEFT_PROMPT_TUNING_ID,
+    forget_caikit_nlp_config,
+    named_file,
+    named_folder,
+    read_prompt_vectors,
+)
 from ..recipe import (
     TRAINING_LOGS,
     TrainingPlan,
@@ -62,6 +70,9 @@ from .settings import PromptTuningSettings, parse_enum
 from .soft_prompt import SoftPrompt, export_tgis, initial_weight, load_adapter, save_adapter
 
 log = alog.use_channel("PROMPT")
+
+# save(save_base_model=True) puts the base model's weights and tokenizer here.
+BUNDLED_BASE = "base_model"
 
 
 @module(
@@ -183,7 +194,9 @@ class PeftPromptTuning(ModuleBase):
             the tuned PeftPromptTuning model.
         """
         plan, settings = _plan(locals())
-        records, val_records = read_records(train_stream, val_stream, plan)
+        records, val_records = read_records(
+            train_stream, val_stream, plan, (cls.MODULE_ID, PEFT_PROMPT_TUNING_ID)
+        )
         seed_everything(plan.training.seed)
         base = plan.load_base()
         generator = torch.Generator().manual_seed(plan.training.seed)
@@ -212,7 +225,7 @@ class PeftPromptTuning(ModuleBase):
             prompt,
             plan.verbalizer,
             settings,
-            training_summary(plan, result, len(records)),
+            training_summary(plan, result, len(records), settings.notes),
             result.logs,
             chat=trained_on_chat(records),
             source=source,
@@ -225,7 +238,12 @@ class PeftPromptTuning(ModuleBase):
         at submission so a bad request fails at once, before a job starts."""
         values = bind_arguments(cls.train, arguments)
         plan, settings = _plan(values)
-        records, _ = read_records(values["train_stream"], values["val_stream"], plan)
+        records, _ = read_records(
+            values["train_stream"],
+            values["val_stream"],
+            plan,
+            (cls.MODULE_ID, PEFT_PROMPT_TUNING_ID),
+        )
         check_tasks(task_names(records), settings)
 
     def model_input(self, text: str) -> str:
@@ -236,15 +254,23 @@ class PeftPromptTuning(ModuleBase):
 
     # ------------------------------------------------------------ save / load
 
-    def save(self, model_path: str) -> None:
+    def save(self, model_path: str, save_base_model: bool = False) -> None:
         """Write config.yml, the PEFT adapter, training_logs.jsonl and training_curve.png
         to `model_path`.
 
-        The base model is not copied: config.yml records its name (or folder).
-        The folder appears complete or not at all.
+        The base model is not copied unless `save_base_model` is True (then its weights
+        and tokenizer go into `base_model/`, so the folder loads anywhere on its own);
+        config.yml records its name (or folder) either way. The folder appears complete
+        or not at all.
         """
+        forget_caikit_nlp_config(self)
         with atomic_folder(model_path) as staging:
             save_adapter(staging, self.prompt, self.base.is_encoder_decoder, str(self.base.source))
+            bundled = {}
+            if save_base_model:
+                self.base.model.save_pretrained(staging / BUNDLED_BASE, safe_serialization=True)
+                self.base.tokenizer.save_pretrained(staging / BUNDLED_BASE)
+                bundled = {"base_model_folder": BUNDLED_BASE}
             if self.source is not None:
                 self.source.save_source(staging)
             if caikit.get_config().get("export_tgis_prompts"):
@@ -266,6 +292,7 @@ class PeftPromptTuning(ModuleBase):
                         "tasks": self.tasks,
                         "adapter": "adapter_model.safetensors",
                         "training": self.training_config,
+                        **bundled,
                     }
                 )
         after_save(self.training_config, model_path)
@@ -283,9 +310,13 @@ class PeftPromptTuning(ModuleBase):
         folder = Path(loader.model_path)
         source = BaseModelSource.from_config(dict(config.base_model))
         try:
-            located = locate_base_model(source, field="base_model")
+            if config.get("base_model_folder"):  # saved with save_base_model=True
+                weights = named_folder(folder, config.base_model_folder, "base_model_folder")
+                located = LocatedModel(BaseModelSource(path=str(weights)), str(weights), local=True)
+            else:
+                located = locate_base_model(source, field="base_model")
         except ValueError as err:
-            raise ValueError(f"cannot load the prompt model at {folder}: {err}") from err
+            raise ValueError(f"cannot load the prompt model {folder.name}: {err}") from err
         device_, dtype = placement(device, torch_dtype)
         placements = tuple(
             parse_enum(p, PromptOutputModelType, "output_model_types")
@@ -305,11 +336,7 @@ class PeftPromptTuning(ModuleBase):
         prompt = load_adapter(folder, placements)
         rope = dict(dict(config.get("training") or {}).get("rope_scaling") or {}) or None
         base = load_shared(located, dtype, device_, rope)
-        if prompt.weight.shape[1] != base.model.get_input_embeddings().weight.shape[1]:
-            raise ValueError(
-                f"the prompt at {folder} has width {prompt.weight.shape[1]} but base model "
-                f"{source} has hidden size {base.model.get_input_embeddings().weight.shape[1]}."
-            )
+        _check_width(prompt, base, folder, source)
         return cls(
             base,
             prompt.to(base.device),
@@ -320,6 +347,73 @@ class PeftPromptTuning(ModuleBase):
             chat=bool(config.get("chat", False)),
             source=load_source(folder, placements),
             tasks=list(config.get("tasks") or []),
+        )
+
+    @classmethod
+    def from_caikit_nlp(
+        cls, folder: Path, config, device: Optional[str], torch_dtype: Optional[str]
+    ) -> "PeftPromptTuning":
+        """A prompt model saved by caikit-nlp 0.5.x (see modules/caikit_nlp.py)."""
+        name = config.get("base_model_name")
+        if not name:
+            raise ValueError("the caikit-nlp prompt model's config.yml has no `base_model_name`.")
+        try:
+            located = locate_base_model(BaseModelSource(name=str(name)), field="base_model_name")
+        except ValueError as err:
+            raise ValueError(
+                f"this caikit-nlp prompt model was trained on {name!r}, which caikit-nlp "
+                f"recorded by name only: put that model under base_models_dir ({err})"
+            ) from err
+        seq2seq = str(config.get("task_type", "CAUSAL_LM")).upper() == "SEQ_2_SEQ_LM"
+        placements = tuple(
+            placement
+            for placement in (PromptOutputModelType.ENCODER, PromptOutputModelType.DECODER)
+            if config.get(placement.name)
+        )
+        if not placements:
+            raise ValueError("the caikit-nlp prompt model names no ENCODER or DECODER prompt file.")
+        vectors = [
+            read_prompt_vectors(named_file(folder, config.get(p.name), p.name)) for p in placements
+        ]
+        prompt = SoftPrompt(torch.cat(vectors), placements)
+        device_, dtype = placement(device, torch_dtype)
+        base = load_shared(located, dtype, device_)
+        if base.is_encoder_decoder != seq2seq:
+            raise ValueError(
+                f"the caikit-nlp prompt model is for a {config.get('task_type')} model but "
+                f"{name!r} is {'an encoder-decoder' if base.is_encoder_decoder else 'a causal'} model."
+            )
+        _check_width(prompt, base, folder, name)
+        tuning = parse_enum(config.get("tuning_type") or "PROMPT_TUNING", TuningType, "tuning_type")
+        settings = PromptTuningSettings(
+            tuning_type=tuning,
+            num_virtual_tokens=prompt.num_virtual_tokens,
+            init_method=PromptTuningInitMethod.RANDOM,
+            init_text=None,
+            init_source_model=None,
+            placements=placements,
+        )
+        saved_by = {
+            "saved_by": f"caikit-nlp {config.get('caikit_nlp_version', '0.5')}",
+            "trained_torch_dtype": config.get("trained_torch_dtype"),
+        }
+        logs = folder / str(config.get("training_logs") or TRAINING_LOGS)
+        return cls(
+            base,
+            prompt.to(base.device),
+            Verbalizer.parse(config.get("verbalizer") or "{{input}}"),
+            settings,
+            saved_by,
+            read_jsonl(logs) if logs.resolve().is_relative_to(folder.resolve()) else [],
+        )
+
+
+def _check_width(prompt: SoftPrompt, base: BaseModel, folder: Path, source) -> None:
+    hidden = base.model.get_input_embeddings().weight.shape[1]
+    if prompt.weight.shape[1] != hidden:
+        raise ValueError(
+            f"the prompt in {folder.name} has width {prompt.weight.shape[1]} but base model "
+            f"{source} has hidden size {hidden}."
         )
 
 

@@ -68,6 +68,8 @@ class PromptTuningSettings:
     placements: tuple[PromptOutputModelType, ...]
     # Rank of the task-specific update (multitask prompt tuning).
     num_ranks: int = 1
+    # What the request asked for that was read another way, as caikit-nlp reads it.
+    notes: tuple[str, ...] = ()
 
     @property
     def multitask(self) -> bool:
@@ -103,10 +105,13 @@ class PromptTuningSettings:
                 "`tuning_config.prompt_tuning_init_text` is required when "
                 "prompt_tuning_init_method is TEXT."
             )
+        notes = ()
         if method != PromptTuningInitMethod.TEXT and text:
-            raise ValueError(
-                "`tuning_config.prompt_tuning_init_text` only applies to prompt_tuning_init_method "
-                f"TEXT, but the method is {method.name}."
+            # caikit-nlp (and PEFT) keep such a text but initialise RANDOM: so do we, saying so.
+            notes = (
+                f"tuning_config.prompt_tuning_init_text is not used: prompt_tuning_init_method "
+                f"is {method.name}{' (unset means RANDOM, as in caikit-nlp)' if not config.get('prompt_tuning_init_method') else ''}; "
+                "set it to TEXT to start from the text",
             )
         if method in _SOURCE_METHODS and not multitask:
             raise ValueError(
@@ -142,6 +147,7 @@ class PromptTuningSettings:
             init_source_model=source or None,
             placements=_placements(config.get("output_model_types"), is_encoder_decoder),
             num_ranks=ranks,
+            notes=notes,
         )
 
 

@@ -29,6 +29,7 @@ from ...data_model import (
 )
 from ...generation import TextGenerator, generation_api
 from ...training import seed_everything
+from ..caikit_nlp import TEXT_GENERATION_ID, forget_caikit_nlp_config, named_folder
 from ..recipe import (
     TRAINING_LOGS,
     after_save,
@@ -168,7 +169,9 @@ class TextGeneration(ModuleBase):
             the fine-tuned TextGeneration model.
         """
         plan = _plan(locals())
-        records, val_records = read_records(train_stream, val_stream, plan)
+        records, val_records = read_records(
+            train_stream, val_stream, plan, (cls.MODULE_ID, TEXT_GENERATION_ID)
+        )
         seed_everything(plan.training.seed)
         base = plan.load_base()
         base.model.requires_grad_(True)
@@ -188,7 +191,9 @@ class TextGeneration(ModuleBase):
         """Check a train() call's arguments without training (the runtime's submission check)."""
         values = bind_arguments(cls.train, arguments)
         plan = _plan(values)
-        read_records(values["train_stream"], values["val_stream"], plan)
+        read_records(
+            values["train_stream"], values["val_stream"], plan, (cls.MODULE_ID, TEXT_GENERATION_ID)
+        )
 
     def model_input(self, text: str) -> str:
         if not isinstance(text, str):
@@ -202,6 +207,7 @@ class TextGeneration(ModuleBase):
     def save(self, model_path: str) -> None:
         """Write config.yml (and, for a fine-tuned model, its weights as safetensors with
         the tokenizer in `model/`, and training_logs.jsonl). Atomic."""
+        forget_caikit_nlp_config(self)
         with atomic_folder(model_path) as staging:
             config = {"is_encoder_decoder": self.base.is_encoder_decoder, "chat": self.chat}
             if self.fine_tuned:
@@ -238,14 +244,14 @@ class TextGeneration(ModuleBase):
         if config.get("weights"):
             weights = (folder / config.weights).resolve()
             if not weights.is_relative_to(folder.resolve()):
-                raise ValueError(f"the model at {folder} names weights outside its folder.")
+                raise ValueError(f"the model {folder.name} names weights outside its folder.")
             located = LocatedModel(BaseModelSource(path=str(weights)), str(weights), local=True)
         else:
             try:
                 located = locate_base_model(BaseModelSource.from_config(dict(config.base_model)))
             except ValueError as err:
                 raise ValueError(
-                    f"cannot load the text generation model at {folder}: {err}"
+                    f"cannot load the text generation model {folder.name}: {err}"
                 ) from err
         device_, dtype = placement(device, torch_dtype)
         base = load_shared(located, dtype, device_)
@@ -258,6 +264,25 @@ class TextGeneration(ModuleBase):
             read_jsonl(folder / TRAINING_LOGS),
             chat=bool(config.get("chat", False)),
             source=BaseModelSource.from_config(dict(trained_from)) if trained_from else None,
+        )
+
+    @classmethod
+    def from_caikit_nlp(
+        cls, folder: Path, config, device: Optional[str], torch_dtype: Optional[str]
+    ) -> "TextGeneration":
+        """A model saved by caikit-nlp 0.5.x's TextGeneration: a whole Hugging Face model
+        in its `artifacts/` folder (see modules/caikit_nlp.py)."""
+        weights = named_folder(folder, config.get("artifact_path") or "artifacts", "artifact_path")
+        located = LocatedModel(BaseModelSource(path=str(weights)), str(weights), local=True)
+        device_, dtype = placement(device, torch_dtype)
+        logs = folder / str(config.get("training_logs") or TRAINING_LOGS)
+        return cls(
+            load_shared(located, dtype, device_),
+            # Saving it again writes its weights in this library's layout.
+            training_config={"saved_by": f"caikit-nlp {config.get('caikit_nlp_version', '0.5')}"},
+            training_logs=read_jsonl(logs)
+            if logs.resolve().is_relative_to(folder.resolve())
+            else [],
         )
 
 
