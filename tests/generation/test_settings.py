@@ -24,7 +24,11 @@ def test_decoding_method_accepts_names_and_enums():
         ({"max_new_tokens": 0}, ValueError, "`max_new_tokens` must be >= 1"),
         ({"max_new_tokens": "5"}, TypeError, "`max_new_tokens` must be an integer"),
         ({"min_new_tokens": 30, "max_new_tokens": 10}, ValueError, "must not exceed"),
-        ({"decoding_method": "SAMPLING", "top_p": -0.5}, ValueError, r"`top_p` must be in \(0, 1\]"),
+        (
+            {"decoding_method": "SAMPLING", "top_p": -0.5},
+            ValueError,
+            r"`top_p` must be in \(0, 1\]",
+        ),
         ({"decoding_method": "SAMPLING", "top_p": 1.5}, ValueError, r"`top_p` must be in \(0, 1\]"),
         ({"decoding_method": "SAMPLING", "typical_p": -1}, ValueError, "`typical_p`"),
         (
@@ -37,7 +41,11 @@ def test_decoding_method_accepts_names_and_enums():
             ValueError,
             r"`decoding_method` must be one of \['GREEDY', 'SAMPLING'\]",
         ),
-        ({"repetition_penalty": 1e-3}, ValueError, r"`repetition_penalty` must be in \[0.01, 100\]"),
+        (
+            {"repetition_penalty": 1e-3},
+            ValueError,
+            r"`repetition_penalty` must be in \[0.01, 100\]",
+        ),
         ({"max_time": -1.0}, ValueError, "`max_time` must be > 0"),
         # Straight GenerationSettings(...) stays strict about GREEDY + sampling knobs.
         ({"stop_sequences": "stop"}, TypeError, "list of strings"),
