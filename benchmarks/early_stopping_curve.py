@@ -29,7 +29,7 @@ def main() -> None:
     from caikit.core.data_model import DataStream
 
     from caikit_tuning import PeftPromptTuning, TuningConfig
-    from caikit_tuning.base_models.smollm2 import NAME, prepare_smollm2
+    from caikit_tuning.bundled.smollm2 import NAME, prepare_smollm2
 
     prepare_smollm2(ROOT / caikit.get_config().base_models_dir)
     with open(ROOT / "data" / "rt_sentiment_train.jsonl", encoding="utf-8") as handle:

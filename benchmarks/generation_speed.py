@@ -63,7 +63,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
         if args.model == "tiny":
-            from caikit_tuning.base_models.tiny import build_tiny_llama
+            from caikit_tuning.testing.tiny_models import build_tiny_llama
 
             base_dir = workdir / "base"
             build_tiny_llama(base_dir / "tiny", PROMPTS * 20)

@@ -109,8 +109,8 @@ def main() -> None:
 
     import caikit_tuning  # noqa: F401
     from caikit_tuning import TextGeneration
-    from caikit_tuning.base_models.tiny import build_tiny_llama
     from caikit_tuning.runtime.process import RuntimeProcess
+    from caikit_tuning.testing.tiny_models import build_tiny_llama
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)

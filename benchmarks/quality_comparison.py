@@ -30,7 +30,7 @@ def variants(args, train_rows):
     from caikit.core.data_model import DataStream
 
     from caikit_tuning import InContextLearning, LoraTuning, PeftPromptTuning, TuningConfig
-    from caikit_tuning.base_models.minilm import prepare_minilm
+    from caikit_tuning.bundled.minilm import prepare_minilm
 
     common = {
         "verbalizer": VERBALIZER,
@@ -109,7 +109,7 @@ def main() -> None:
     import caikit
 
     import caikit_tuning  # noqa: F401
-    from caikit_tuning.base_models.smollm2 import prepare_smollm2
+    from caikit_tuning.bundled.smollm2 import prepare_smollm2
     from caikit_tuning.data import read_records_file
     from caikit_tuning.modules.evaluation import balanced, evaluate
 

@@ -260,14 +260,14 @@ def resolve_model(name: str, workdir: Path) -> tuple[str, str]:
     from caikit_tuning.data import read_records_file
 
     if name == "tiny":
-        from caikit_tuning.base_models.tiny import build_tiny_llama
+        from caikit_tuning.testing.tiny_models import build_tiny_llama
 
         rows = read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl")
         folder = build_tiny_llama(workdir / "tiny-llama", [r["input"] for r in rows[:1500]])
         return str(folder), str(folder)
     folder = Path(caikit.get_config().base_models_dir) / name
     if not folder.is_dir():
-        from caikit_tuning.base_models.smollm2 import NAME, prepare_smollm2
+        from caikit_tuning.bundled.smollm2 import NAME, prepare_smollm2
 
         if name != NAME:
             raise SystemExit(f"no model folder {folder}")

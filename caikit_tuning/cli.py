@@ -7,18 +7,17 @@ import sys
 
 
 def _prepare_model(args: argparse.Namespace) -> int:
-    import caikit
-
     import caikit_tuning  # noqa: F401  (configures caikit)
-    from caikit_tuning.base_models.minilm import NAME as MINILM
-    from caikit_tuning.base_models.minilm import prepare_minilm
-    from caikit_tuning.base_models.smollm2 import NAME as SMOLLM2
-    from caikit_tuning.base_models.smollm2 import prepare_smollm2
+    from caikit_tuning.bundled.minilm import NAME as MINILM
+    from caikit_tuning.bundled.minilm import prepare_minilm
+    from caikit_tuning.bundled.smollm2 import NAME as SMOLLM2
+    from caikit_tuning.bundled.smollm2 import prepare_smollm2
+    from caikit_tuning.config import library_settings
 
     prepare = {SMOLLM2: prepare_smollm2, MINILM: prepare_minilm}
     if args.name not in prepare:
         raise SystemExit(f"unknown bundled model {args.name!r}; choose from {sorted(prepare)}")
-    print(prepare[args.name](args.base_models_dir or caikit.get_config().base_models_dir))
+    print(prepare[args.name](args.base_models_dir or library_settings().base_models_dir))
     return 0
 
 

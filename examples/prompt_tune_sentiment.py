@@ -14,7 +14,7 @@ import caikit
 from caikit.core.data_model import DataStream
 
 from caikit_tuning import InContextLearning, PeftPromptTuning, TuningConfig
-from caikit_tuning.base_models.smollm2 import NAME, prepare_smollm2
+from caikit_tuning.bundled.smollm2 import NAME, prepare_smollm2
 from caikit_tuning.data import read_records_file
 from caikit_tuning.modules.evaluation import balanced, evaluate
 

@@ -80,7 +80,7 @@ def main() -> None:
     import caikit
 
     from caikit_tuning import InContextLearning
-    from caikit_tuning.base_models.smollm2 import NAME, prepare_smollm2
+    from caikit_tuning.bundled.smollm2 import NAME, prepare_smollm2
     from caikit_tuning.runtime.client import TuningClient
 
     caikit.configure(str(ROOT / "runtime_config.yaml"))

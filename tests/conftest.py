@@ -8,7 +8,7 @@ import caikit
 import pytest
 
 import caikit_tuning  # noqa: F401  (configures caikit)
-from caikit_tuning.base_models.tiny import build_tiny_llama, build_tiny_t5
+from caikit_tuning.testing.tiny_models import build_tiny_llama, build_tiny_t5
 
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 

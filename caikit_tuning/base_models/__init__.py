@@ -1,6 +1,5 @@
-"""Base models: where they are, how they load, how artifacts are written."""
+"""Base models: where a named model is, how it loads, and one shared copy of each."""
 
-from .artifacts import atomic_folder, read_jsonl, write_jsonl
 from .loading import (
     BaseModel,
     BaseModelSource,
@@ -15,18 +14,12 @@ from .loading import (
     rope_scaled,
     trust_remote_code,
 )
-from .paths import resolve_under
-from .prefix import NO_PREFIX, PromptPrefix, embed_with_prefix
 from .registry import load_shared
 
 __all__ = [
-    "NO_PREFIX",
     "BaseModel",
     "BaseModelSource",
     "LocatedModel",
-    "PromptPrefix",
-    "atomic_folder",
-    "embed_with_prefix",
     "hidden_size",
     "is_encoder_decoder",
     "load_base",
@@ -35,9 +28,6 @@ __all__ = [
     "load_shared",
     "load_tokenizer",
     "locate_base_model",
-    "read_jsonl",
-    "resolve_under",
     "rope_scaled",
     "trust_remote_code",
-    "write_jsonl",
 ]

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import alog
-import caikit
 import torch
 from transformers import (
     AutoConfig,
@@ -26,7 +24,8 @@ from transformers.models.auto.modeling_auto import (
 )
 from transformers.utils import logging as hf_logging
 
-from .paths import is_hub_id, resolve_under
+from ..config import library_settings
+from ..storage.paths import is_hub_id, resolve_under
 
 log = alog.use_channel("BASE")
 _FROM_PRETRAINED = threading.Lock()
@@ -69,17 +68,8 @@ class LocatedModel:
     local: bool
 
 
-def _library_config():
-    return caikit.get_config()
-
-
-def allow_downloads() -> bool:
-    value = os.environ.get("ALLOW_DOWNLOADS", _library_config().get("allow_downloads", False))
-    return str(value).lower() in ("1", "true", "yes")
-
-
 def base_models_dir() -> Path:
-    return Path(_library_config().get("base_models_dir") or "models/base")
+    return library_settings().base_models_dir
 
 
 def _is_model_folder(path: Path) -> bool:
@@ -98,7 +88,7 @@ def locate_base_model(base_model: str | BaseModelSource, field: str = "base_mode
         return _locate_name(base_model.name, field)
     if not isinstance(base_model, str) or not base_model.strip():
         raise ValueError(f"`{field}` must name a base model folder or name, got {base_model!r}.")
-    restricted = bool(_library_config().get("restrict_base_models_to_dir", False))
+    restricted = library_settings().restrict_base_models_to_dir
     if not restricted and Path(base_model).expanduser().is_dir():
         return _locate_path(base_model, field)
     return _locate_name(base_model, field)
@@ -118,7 +108,7 @@ def _locate_name(name: str, field: str) -> LocatedModel:
     folder = resolve_under(root, name, field)
     if _is_model_folder(folder):
         return LocatedModel(BaseModelSource(name=name), str(folder), local=True)
-    if allow_downloads() and is_hub_id(name):
+    if library_settings().allow_downloads and is_hub_id(name):
         return LocatedModel(BaseModelSource(name=name), name, local=False)
     raise ValueError(
         f"`{field}` {name!r} was not found: base_models_dir holds no model folder of that "
@@ -129,7 +119,7 @@ def _locate_name(name: str, field: str) -> LocatedModel:
 
 def trust_remote_code() -> bool:
     """Only an explicit `trust_remote_code: true` in the config runs a model's own code."""
-    return _library_config().get("trust_remote_code") is True
+    return library_settings().trust_remote_code
 
 
 def load_model_config(located: LocatedModel) -> PretrainedConfig:
@@ -169,16 +159,12 @@ def load_tokenizer(located: LocatedModel) -> PreTrainedTokenizerBase:
         located.location, trust_remote_code=trust_remote_code(), local_files_only=located.local
     )
     if tokenizer.pad_token_id is None:
-        strategy = str(_library_config().get("missing_pad_token") or "eos").lower()
+        strategy = library_settings().missing_pad_token
         choices = {
             "eos": tokenizer.eos_token,
             "bos": tokenizer.bos_token,
             "unk": tokenizer.unk_token,
         }
-        if strategy not in choices:
-            raise ValueError(
-                f"`missing_pad_token` must be one of {list(choices)}, got {strategy!r}."
-            )
         if choices[strategy] is None:
             raise ValueError(
                 f"the tokenizer has no pad token and no {strategy.upper()} token to pad with; "

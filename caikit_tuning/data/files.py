@@ -84,11 +84,10 @@ def _csv(name: str, text: str) -> list[dict]:
 def resolve_data_path(name: str) -> Path:
     """A training file a request names: inside `data_streams.file_source_base` when that
     is configured (the runtime's case), else any path (in-process)."""
-    import caikit
+    from ..config import library_settings
+    from ..storage.paths import resolve_under
 
-    from ..base_models.paths import resolve_under
-
-    root = (caikit.get_config().get("data_streams") or {}).get("file_source_base")
+    root = library_settings().file_source_base
     if root:
         return resolve_under(root, name, "data.mixture.file")
     return Path(name).expanduser()

@@ -11,7 +11,6 @@ import types
 from collections.abc import Iterable
 from typing import List, Optional
 
-import caikit
 from caikit.interfaces.nlp.data_model import (
     GeneratedTextResult,
     GeneratedTextStreamResult,
@@ -20,9 +19,10 @@ from caikit.interfaces.nlp.data_model import (
 )
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 
+from ..config import library_settings
 from ..data_model import ExponentialDecayLengthPenalty
 from .labels import LabelRule
-from .settings import DEFAULT_MAX_NUM_BEAMS, GenerationSettings
+from .settings import GenerationSettings
 
 
 def run(
@@ -146,15 +146,14 @@ def _generation_args(call_locals: dict) -> dict:
 
 def _settings(text: str, values: dict) -> GenerationSettings:
     """The request's settings, within the server's limits (config `generation`)."""
-    limits = caikit.get_config().get("generation") or {}
-    max_chars = int(limits.get("max_input_characters") or 0)
+    serving = library_settings().generation
+    max_chars = serving.max_input_characters
     if max_chars and isinstance(text, str) and len(text) > max_chars:
         raise ValueError(
             f"`text` is {len(text)} characters; this server takes at most {max_chars} "
             "(generation.max_input_characters)."
         )
-    max_beams = int(limits.get("max_num_beams") or DEFAULT_MAX_NUM_BEAMS)
-    return GenerationSettings.from_request(max_num_beams=max_beams, **values)
+    return GenerationSettings.from_request(max_num_beams=serving.max_num_beams, **values)
 
 
 _METHODS = (

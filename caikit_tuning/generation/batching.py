@@ -21,14 +21,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import alog
-import caikit
 import torch
 from caikit.runtime.types.caikit_runtime_exception import CaikitRuntimeException
 from grpc import StatusCode
 from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
-from ..base_models.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
+from ..config import library_settings
+from ..inputs.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
 from .settings import GenerationSettings
 from .stream import PreparedPrompt, RequestDecoder, TokenEvent, TokenStream
 
@@ -84,15 +84,13 @@ def close_engines() -> None:
 def engine_for(model: PreTrainedModel) -> BatchingEngine | None:
     """The batching engine shared by every model built on this base model, or None when
     batching is off (config generation.batching) or the model cannot be batched."""
-    config = caikit.get_config().get("generation") or {}
-    if not config.get("batching", True) or not batchable(model):
+    serving = library_settings().generation
+    if not serving.batching or not batchable(model):
         return None
     engine = getattr(model, "_caikit_tuning_engine", None)
     if engine is None:
         engine = BatchingEngine(
-            model,
-            max_batch_size=int(config.get("max_batch_size", 16)),
-            max_queue_size=int(config.get("max_queue_size", 64)),
+            model, max_batch_size=serving.max_batch_size, max_queue_size=serving.max_queue_size
         )
         model._caikit_tuning_engine = engine
     return engine

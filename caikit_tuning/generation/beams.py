@@ -9,7 +9,7 @@ import torch
 from caikit.interfaces.nlp.data_model import FinishReason
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..base_models.prefix import PromptPrefix, embed_with_prefix
+from ..inputs.prefix import PromptPrefix, embed_with_prefix
 from .decoding import TextAssembler
 from .settings import GenerationSettings
 from .stream import PreparedPrompt, TokenEvent, eos_token_ids

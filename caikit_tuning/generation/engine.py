@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from transformers import PreTrainedModel
 
-from ..base_models.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
+from ..inputs.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
 
 
 class DecodingSession:

@@ -12,7 +12,7 @@ from caikit.interfaces.nlp.data_model import (
 )
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..base_models.prefix import NO_PREFIX, PromptPrefix
+from ..inputs.prefix import NO_PREFIX, PromptPrefix
 from .batching import engine_for
 from .beams import beam_search
 from .results import stream_results, unary_result

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, fields
 from typing import Any
 
 import alog
 
 from ..data_model import DecodingMethod, ExponentialDecayLengthPenalty
+from ..data_model.values import WrongType, described, integer, member, number
 
 log = alog.use_channel("GENSET")
 
@@ -32,14 +32,6 @@ DECAY_FACTOR_RANGE = (1e-3, 10.0)
 # Beam search multiplies a request's memory and compute by the beam count: the
 # operator's limit is generation.max_num_beams.
 DEFAULT_MAX_NUM_BEAMS = 8
-
-
-def _enum(value: Any, enum_type, field: str):
-    if isinstance(value, enum_type):
-        return value
-    if isinstance(value, str) and value.upper() in enum_type.__members__:
-        return enum_type[value.upper()]
-    raise ValueError(f"`{field}` must be one of {list(enum_type.__members__)}, got {value!r}.")
 
 
 @dataclass(frozen=True)
@@ -66,16 +58,16 @@ class GenerationSettings:
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("decoding_method", _enum(self.decoding_method, DecodingMethod, "decoding_method"))
-        _int(self.max_new_tokens, "max_new_tokens", minimum=1)
-        _int(self.min_new_tokens, "min_new_tokens", minimum=0)
+        set_("decoding_method", member(self.decoding_method, DecodingMethod, "decoding_method"))
+        integer(self.max_new_tokens, "max_new_tokens", 1, MAX_COUNT)
+        integer(self.min_new_tokens, "min_new_tokens", 0, MAX_COUNT)
         if self.min_new_tokens > self.max_new_tokens:
             raise ValueError(
                 f"`min_new_tokens` ({self.min_new_tokens}) must not exceed `max_new_tokens` "
                 f"({self.max_new_tokens})."
             )
-        _int(self.truncate_input_tokens, "truncate_input_tokens", minimum=0)
-        _int(self.num_beams, "num_beams", minimum=1)
+        integer(self.truncate_input_tokens, "truncate_input_tokens", 0, MAX_COUNT)
+        integer(self.num_beams, "num_beams", 1, MAX_COUNT)
         if self.decoding_method == DecodingMethod.GREEDY:
             given = [name for name in _SAMPLING_ONLY if getattr(self, name) is not None]
             if given:
@@ -86,19 +78,18 @@ class GenerationSettings:
         elif self.num_beams > 1:
             raise ValueError("`num_beams` > 1 is beam search, which needs decoding_method GREEDY.")
         if self.top_k is not None:
-            _int(self.top_k, "top_k", minimum=0)
+            integer(self.top_k, "top_k", 0, MAX_COUNT)
         for name in ("top_p", "typical_p"):
-            value = getattr(self, name)
-            if value is not None and not (_number(value, name) and 0 < value <= 1):
-                raise ValueError(f"`{name}` must be in (0, 1], got {value}.")
+            if getattr(self, name) is not None:
+                number(getattr(self, name), name, 0.0, 1.0, low_open=True)
         if self.temperature is not None:
             _in_range(self.temperature, "temperature", TEMPERATURE_RANGE)
         if self.repetition_penalty is not None:
             _in_range(self.repetition_penalty, "repetition_penalty", REPETITION_PENALTY_RANGE)
-        if self.max_time is not None and not (_number(self.max_time, "max_time") > 0):
-            raise ValueError(f"`max_time` must be > 0 seconds, got {self.max_time}.")
+        if self.max_time is not None:
+            number(self.max_time, "max_time", 0.0, low_open=True)
         if self.seed is not None:
-            _int(self.seed, "seed", minimum=0, maximum=MAX_SEED)
+            integer(self.seed, "seed", 0, MAX_SEED)
         set_("exponential_decay_length_penalty", _decay(self.exponential_decay_length_penalty))
         set_("stop_sequences", _stops(self.stop_sequences))
         if self.num_beams > 1 and (self.include_logprobs or self.include_ranks):
@@ -119,7 +110,7 @@ class GenerationSettings:
         values = {k: v for k, v in values.items() if v is not None}
         ignored = [k for k in _UNSET_WHEN_ZERO if k in values and _is_zero(values[k])]
         method = values.get("decoding_method", DecodingMethod.GREEDY)
-        if _enum(method, DecodingMethod, "decoding_method") == DecodingMethod.GREEDY:
+        if member(method, DecodingMethod, "decoding_method") == DecodingMethod.GREEDY:
             ignored += [k for k in _SAMPLING_ONLY if k in values and k not in ignored]
         if ignored:
             log.info(
@@ -129,7 +120,7 @@ class GenerationSettings:
         if settings.num_beams > max_num_beams:
             raise ValueError(
                 f"`num_beams` may be at most {max_num_beams} on this server "
-                f"(generation.max_num_beams), got {_excerpt(settings.num_beams)}."
+                f"(generation.max_num_beams), got {settings.num_beams}."
             )
         return settings
 
@@ -138,36 +129,13 @@ def _is_zero(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and value == 0
 
 
-def _number(value: Any, field: str) -> float:
-    """`value` as a finite float; NaN and infinities are refused."""
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{field}` must be a number, got {type(value).__name__} {value!r}.")
-    if not math.isfinite(value):
-        raise ValueError(f"`{field}` must be a finite number, got {value}.")
-    return float(value)
-
-
 def _in_range(value: Any, field: str, bounds: tuple[float, float]) -> None:
-    low, high = bounds
-    if not low <= _number(value, field) <= high:
-        raise ValueError(
-            f"`{field}` must be in [{low:g}, {high:g}], got {value:g}: values outside it "
-            "make the scores overflow."
-        )
-
-
-def _int(value: Any, field: str, minimum: int, maximum: int = MAX_COUNT) -> None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{field}` must be an integer, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{field}` must be >= {minimum}, got {value}.")
-    if value > maximum:
-        raise ValueError(f"`{field}` must be <= {maximum}, got {_excerpt(value)}.")
-
-
-def _excerpt(value: Any, limit: int = 40) -> str:
-    text = str(value)
-    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
+    try:
+        number(value, field, *bounds)
+    except ValueError as err:
+        if isinstance(err, WrongType):
+            raise
+        raise ValueError(f"{err} Values outside it make the scores overflow.") from None
 
 
 def _decay(value: Any) -> tuple[int, float] | None:
@@ -183,7 +151,7 @@ def _decay(value: Any) -> tuple[int, float] | None:
             f"got {value!r}."
         )
     start, factor = value
-    _int(start, "exponential_decay_length_penalty.start_index", minimum=0)
+    integer(start, "exponential_decay_length_penalty.start_index", 0, MAX_COUNT)
     _in_range(factor, "exponential_decay_length_penalty.decay_factor", DECAY_FACTOR_RANGE)
     return int(start), float(factor)
 
@@ -201,7 +169,7 @@ def _stops(value: Any) -> tuple[str, ...]:
     for stop in stops:
         if not isinstance(stop, str) or not stop:
             raise ValueError(
-                f"`stop_sequences` entries must be non-empty strings, got {_excerpt(repr(stop))}."
+                f"`stop_sequences` entries must be non-empty strings, got {described(stop)}."
             )
         if len(stop) > MAX_STOP_SEQUENCE_CHARS:
             raise ValueError(

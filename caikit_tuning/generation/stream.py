@@ -13,7 +13,7 @@ import torch
 from caikit.interfaces.nlp.data_model import FinishReason
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ..base_models.prefix import PromptPrefix
+from ..inputs.prefix import PromptPrefix
 from .decoding import TextAssembler, TokenChooser
 from .engine import DecodingSession
 from .settings import GenerationSettings

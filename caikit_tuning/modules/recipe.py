@@ -16,21 +16,19 @@ from pathlib import Path
 from typing import Any
 
 import alog
-import caikit
 import torch
 from caikit.core.data_model import ProducerId
 
 from ..base_models import (
     BaseModel,
     LocatedModel,
-    PromptPrefix,
     is_encoder_decoder,
     load_base,
     load_model_config,
     locate_base_model,
     rope_scaled,
-    write_jsonl,
 )
+from ..config import library_settings
 from ..data import (
     Batch,
     Verbalizer,
@@ -42,6 +40,8 @@ from ..data import (
 )
 from ..data.files import mix_records
 from ..generation import GenerationSettings, TextGenerator
+from ..inputs import PromptPrefix
+from ..storage import write_jsonl
 from ..training import (
     TrainingResult,
     TrainingSettings,
@@ -95,7 +95,7 @@ class TrainingPlan:
 def placement(device: Any, torch_dtype: Any) -> tuple[torch.device, torch.dtype]:
     """Device and weight dtype for a request, the dtype defaulting to the config's."""
     device_ = resolve_device(device)
-    return device_, resolve_dtype(torch_dtype or caikit.get_config().get("torch_dtype"), device_)
+    return device_, resolve_dtype(torch_dtype or library_settings().torch_dtype, device_)
 
 
 ROPE_TYPES = ("linear", "dynamic")
@@ -184,7 +184,7 @@ def training_data_limit(module_ids: tuple[str, ...], plan: TrainingPlan) -> int:
             __default__: 10000          # this module, any base model
             SmolLM2-135M-Instruct: 500  # this module on this base model
     """
-    limits = dict(caikit.get_config().get("training_data_limit") or {})
+    limits = library_settings().training_data_limit
     limit = limits.get("__default__", -1)
     name = plan.located.source.name or Path(plan.located.location).name
     for module_id in module_ids:
@@ -202,7 +202,7 @@ def read_records(
     validation.split_ratio of the training records (chosen with split_seed) become the
     validation set. `module_ids` name the module for `training_data_limit`."""
     training = plan.training
-    cap = int(caikit.get_config().get("max_training_records") or 0)
+    cap = library_settings().max_training_records
     if training.mixture:
         if train_stream is not None:
             raise ValueError("give `train_stream` or `data.mixture`, not both.")

@@ -12,16 +12,17 @@ import functools
 import os
 from pathlib import Path
 
-import caikit
 from caikit.core.data_model import DataStream
 from caikit.runtime.model_management.model_manager import ModelManager
 from caikit.runtime.service_generation.data_stream_source import FilePluginBase
 from caikit.runtime.types.caikit_runtime_exception import CaikitRuntimeException
 from grpc import StatusCode
 
-from ..base_models.paths import resolve_under
+from ..config import library_settings
 from ..data.files import read_records_file
+from ..storage.paths import resolve_under
 from .names import check_model_name
+from .settings import runtime_folders
 
 _INSTALLED = False
 
@@ -29,7 +30,7 @@ _INSTALLED = False
 def check_model_id(model_id: str) -> None:
     """A model id follows the model-name rule (runtime.names) and stays inside
     local_models_dir (no symlink out of it)."""
-    root = caikit.get_config().runtime.local_models_dir
+    root = runtime_folders().local_models_dir
     try:
         check_model_name(model_id, "model_id")
         resolve_under(root, model_id, "model_id")
@@ -39,7 +40,7 @@ def check_model_id(model_id: str) -> None:
 
 def resolve_data_file(path: str) -> str:
     """A training file is a name inside data_streams.file_source_base."""
-    root = caikit.get_config().data_streams.get("file_source_base")
+    root = runtime_folders().file_source_base
     if not root:
         raise CaikitRuntimeException(
             StatusCode.INVALID_ARGUMENT,
@@ -73,14 +74,13 @@ def public_text(text: str) -> str:
 
 
 def _server_folders() -> list[tuple[str, str]]:
-    config = caikit.get_config()
-    runtime = config.runtime
+    folders, library = runtime_folders(), library_settings()
     named = {
-        "local_models_dir": runtime.get("local_models_dir"),
-        "training.output_dir": (runtime.get("training") or {}).get("output_dir"),
-        "base_models_dir": config.get("base_models_dir"),
-        "data_streams.file_source_base": (config.get("data_streams") or {}).get("file_source_base"),
-        "source_prompt_base": config.get("source_prompt_base"),
+        "local_models_dir": folders.local_models_dir,
+        "training.output_dir": folders.training_output_dir,
+        "base_models_dir": str(library.base_models_dir),
+        "data_streams.file_source_base": folders.file_source_base,
+        "source_prompt_base": str(library.source_prompt_base),
     }
     pairs = [(str(Path(os.getcwd())), ".")]
     for label, folder in named.items():

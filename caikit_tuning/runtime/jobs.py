@@ -24,8 +24,9 @@ from caikit.core.exceptions.caikit_core_exception import (
 from caikit.core.model_management.job_base import JobInfo
 from caikit.core.model_management.model_trainer_base import ModelTrainerFutureBase
 
-from ..base_models.paths import resolve_under
+from ..storage.paths import resolve_under
 from .names import check_model_name, check_no_overlap
+from .settings import runtime_folders
 
 log = alog.use_channel("JOBS")
 
@@ -271,7 +272,7 @@ class Job(ModelTrainerFutureBase):
     def _launch(self, slot) -> None:
         read_end, write_end = os.pipe()
         env = {**os.environ, **slot.environment(), "CAIKIT_TUNING_PROGRESS_FD": str(write_end)}
-        config_files = caikit.get_config().get("config_files")
+        config_files = runtime_folders().config_files
         if config_files:
             env["CONFIG_FILES"] = str(config_files)
         with self._lock:

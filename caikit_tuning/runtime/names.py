@@ -14,7 +14,7 @@ import re
 from collections.abc import Iterable
 from pathlib import Path
 
-from ..base_models.artifacts import MODEL_CONFIG
+from ..storage.folders import MODEL_CONFIG
 
 MAX_PARTS = 3
 MAX_PART_CHARS = 100

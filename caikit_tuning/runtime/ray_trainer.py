@@ -48,6 +48,7 @@ from caikit.core.model_management.job_base import JobInfo
 
 from ..training.distributed import world
 from . import job_runner, jobs
+from .settings import runtime_folders
 
 log = alog.use_channel("RAY")
 
@@ -115,7 +116,7 @@ def worker_environment(settings: RaySettings) -> dict[str, str]:
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
         if name in os.environ:
             env[name] = os.environ[name]
-    config_files = os.environ.get("CONFIG_FILES") or caikit.get_config().get("config_files")
+    config_files = runtime_folders().config_files
     if config_files:
         env["CONFIG_FILES"] = str(config_files)  # the workers read the server's runtime config
     if settings.host_port:

@@ -8,9 +8,12 @@ request may be, and how long shutdown may take.
 from __future__ import annotations
 
 import ipaddress
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import caikit
 
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARD_HOSTS = ("0.0.0.0", "::", "")
@@ -130,3 +133,36 @@ def _api_keys(keys: Any, keys_file: Any) -> tuple[str, ...]:
     if short:
         raise ValueError("API keys must be at least 16 characters long (runtime.auth).")
     return keys
+
+
+@dataclass(frozen=True)
+class RuntimeFolders:
+    """The runtime's folders and config files, as configured (paths as given)."""
+
+    local_models_dir: str | None
+    training_output_dir: str | None
+    file_source_base: str | None
+    # The runtime config file(s) training workers must read too.
+    config_files: str | None
+
+    @classmethod
+    def from_config(cls, config: Any) -> RuntimeFolders:
+        runtime = config.runtime
+        return cls(
+            local_models_dir=runtime.get("local_models_dir") or None,
+            training_output_dir=dict(runtime.get("training") or {}).get("output_dir") or None,
+            file_source_base=dict(config.get("data_streams") or {}).get("file_source_base"),
+            config_files=os.environ.get("CONFIG_FILES") or config.get("config_files") or None,
+        )
+
+
+_FOLDERS: tuple[Any, RuntimeFolders] | None = None
+
+
+def runtime_folders() -> RuntimeFolders:
+    """The folders of the current caikit configuration (read once per configuration)."""
+    global _FOLDERS
+    config = caikit.get_config()
+    if _FOLDERS is None or _FOLDERS[0] is not config:
+        _FOLDERS = (config, RuntimeFolders.from_config(config))
+    return _FOLDERS[1]

@@ -32,7 +32,6 @@ from typing import Any
 
 import aconfig
 import alog
-import caikit
 from caikit.core.exceptions.caikit_core_exception import (
     CaikitCoreException,
     CaikitCoreStatusCode,
@@ -40,6 +39,7 @@ from caikit.core.exceptions.caikit_core_exception import (
 from caikit.core.model_management.model_trainer_base import ModelTrainerBase
 
 from .jobs import JOBS_FOLDER, Job, build_request
+from .settings import runtime_folders
 
 log = alog.use_channel("WORKERS")
 
@@ -124,7 +124,7 @@ class WorkerPoolTrainer(ModelTrainerBase):
         """Pick up the jobs an earlier server process recorded: finished ones keep
         answering status calls; interrupted ones run again (resuming from their
         checkpoints, if they save any), in their submission order."""
-        output_dir = caikit.get_config().runtime.get("training", {}).get("output_dir")
+        output_dir = runtime_folders().training_output_dir
         if not output_dir:
             return
         folders = sorted(Path(output_dir, JOBS_FOLDER).glob("*/state.json"))

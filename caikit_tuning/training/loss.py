@@ -6,8 +6,8 @@ import torch
 import torch.nn.functional as F
 from transformers import PreTrainedModel
 
-from ..base_models.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
 from ..data.batching import Batch
+from ..inputs.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
 from .segment_attention import fits_window, uses_segment_attention
 
 

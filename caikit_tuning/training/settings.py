@@ -6,51 +6,17 @@ import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from ..data_model.values import choice, integer, message_fields, number
+
 SCHEDULERS = ("linear", "cosine", "constant")
 LR_SCALINGS = ("none", "sqrt", "linear")
 CHAT_LOSSES = ("last_assistant", "assistant", "all")
 DETERMINISM = ("no", "half", "full")
 
 
-def _int(value: Any, name: str, minimum: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise TypeError(f"`{name}` must be an integer, got {type(value).__name__} {value!r}.")
-    if value < minimum:
-        raise ValueError(f"`{name}` must be >= {minimum}, got {value}.")
-    return value
-
-
-def _number(value: Any, name: str, low: float, high: float, low_open: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise TypeError(f"`{name}` must be a number, got {type(value).__name__} {value!r}.")
-    if value < low or value > high or (low_open and value == low):
-        if high == math.inf:
-            raise ValueError(f"`{name}` must be {'>' if low_open else '>='} {low:g}, got {value}.")
-        bracket = "(" if low_open else "["
-        raise ValueError(f"`{name}` must be in {bracket}{low:g}, {high:g}], got {value}.")
-    return float(value)
-
-
-def _choice(value: Any, name: str, choices: tuple[str, ...]) -> str:
-    if not isinstance(value, str) or value.lower() not in choices:
-        raise ValueError(f"`{name}` must be one of {list(choices)}, got {value!r}.")
-    return value.lower()
-
-
 def _fields_of(config: Any, cls: type, name: str) -> dict[str, Any]:
-    """A request's config object (dataobject or dict) as the non-None fields of `cls`."""
-    if config is None:
-        return {}
-    valid = [f.name for f in fields(cls)]
-    if isinstance(config, dict):
-        unknown = sorted(set(config) - set(valid))
-        if unknown:
-            raise ValueError(f"`{name}` has unknown field(s) {unknown}; valid fields are {valid}.")
-        return {key: value for key, value in config.items() if value is not None}
-    # A wire message (proto3) cannot tell an unset field from 0 / "" / false: for
-    # these config messages every such value means "use the default".
-    values = {key: getattr(config, key, None) for key in valid}
-    return {key: value for key, value in values.items() if value not in (None, 0, "", False, [])}
+    """A request's config message (dataobject or dict) as the fields of `cls` it sets."""
+    return message_fields(config, [f.name for f in fields(cls)], name)
 
 
 @dataclass(frozen=True)
@@ -64,14 +30,14 @@ class ValidationSettings:
     early_stopping_min_delta: float = 0.0
 
     def __post_init__(self):
-        _number(self.split_ratio, "validation.split_ratio", 0.0, 0.9)
-        _int(self.split_seed, "validation.split_seed", 0)
+        number(self.split_ratio, "validation.split_ratio", 0.0, 0.9)
+        integer(self.split_seed, "validation.split_seed", 0)
         if self.eval_steps is not None:
-            _int(self.eval_steps, "validation.eval_steps", 1)
-        _int(self.accuracy_examples, "validation.accuracy_examples", 0)
+            integer(self.eval_steps, "validation.eval_steps", 1)
+        integer(self.accuracy_examples, "validation.accuracy_examples", 0)
         if self.early_stopping_patience is not None:
-            _int(self.early_stopping_patience, "validation.early_stopping_patience", 1)
-        _number(self.early_stopping_min_delta, "validation.early_stopping_min_delta", 0.0, math.inf)
+            integer(self.early_stopping_patience, "validation.early_stopping_patience", 1)
+        number(self.early_stopping_min_delta, "validation.early_stopping_min_delta", 0.0, math.inf)
 
     @classmethod
     def from_request(cls, config: Any) -> ValidationSettings:
@@ -97,23 +63,23 @@ class OptimizationSettings:
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
         for name in ("total_train_batch_size", "max_per_device_train_batch_size"):
             if getattr(self, name) is not None:
-                _int(getattr(self, name), f"optimization.{name}", 1)
+                integer(getattr(self, name), f"optimization.{name}", 1)
         if self.max_per_device_train_batch_size is not None and self.total_train_batch_size is None:
             raise ValueError(
                 "`optimization.max_per_device_train_batch_size` needs "
                 "`optimization.total_train_batch_size`; without it use batch_size."
             )
-        set_("lr_scaling", _choice(self.lr_scaling, "optimization.lr_scaling", LR_SCALINGS))
-        set_("lr_scheduler", _choice(self.lr_scheduler, "optimization.lr_scheduler", SCHEDULERS))
-        _int(self.warmup_steps, "optimization.warmup_steps", 0)
-        _number(self.warmup_ratio, "optimization.warmup_ratio", 0.0, 0.99)
+        set_("lr_scaling", choice(self.lr_scaling, "optimization.lr_scaling", LR_SCALINGS))
+        set_("lr_scheduler", choice(self.lr_scheduler, "optimization.lr_scheduler", SCHEDULERS))
+        integer(self.warmup_steps, "optimization.warmup_steps", 0)
+        number(self.warmup_ratio, "optimization.warmup_ratio", 0.0, 0.99)
         if self.warmup_steps and self.warmup_ratio:
             raise ValueError(
                 "give `optimization.warmup_steps` or `optimization.warmup_ratio`, not both."
             )
-        _number(self.weight_decay, "optimization.weight_decay", 0.0, 1.0)
+        number(self.weight_decay, "optimization.weight_decay", 0.0, 1.0)
         if self.max_grad_norm is not None:
-            _number(self.max_grad_norm, "optimization.max_grad_norm", 0.0, math.inf, low_open=True)
+            number(self.max_grad_norm, "optimization.max_grad_norm", 0.0, math.inf, low_open=True)
         if not isinstance(self.torch_compile, bool):
             raise ValueError(
                 f"`optimization.torch_compile` must be true or false, got {self.torch_compile!r}."
@@ -151,7 +117,7 @@ def _mixture(value: Any) -> tuple[tuple[str, float], ...]:
                 f"`data.mixture[{index}].file` must name a training file, got {file!r}."
             )
         weight = 1.0 if weight in (None, 0) else weight
-        _number(weight, f"data.mixture[{index}].weight", 0.0, math.inf, low_open=True)
+        number(weight, f"data.mixture[{index}].weight", 0.0, math.inf, low_open=True)
         sources.append((file, float(weight)))
     return tuple(sources)
 
@@ -200,27 +166,27 @@ class TrainingSettings:
 
     def __post_init__(self):
         # 0: no training at all (caikit-nlp accepts it and keeps the initial weights).
-        _int(self.num_epochs, "num_epochs", 0)
-        _int(self.batch_size, "batch_size", 1)
-        _int(self.accumulate_steps, "accumulate_steps", 1)
-        _int(self.max_source_length, "max_source_length", 1)
-        _int(self.max_target_length, "max_target_length", 2)
-        _int(self.seed, "seed", 0)
-        _int(self.logging_steps, "logging_steps", 1)
-        _int(self.num_processes, "num_processes", 1)
+        integer(self.num_epochs, "num_epochs", 0)
+        integer(self.batch_size, "batch_size", 1)
+        integer(self.accumulate_steps, "accumulate_steps", 1)
+        integer(self.max_source_length, "max_source_length", 1)
+        integer(self.max_target_length, "max_target_length", 2)
+        integer(self.seed, "seed", 0)
+        integer(self.logging_steps, "logging_steps", 1)
+        integer(self.num_processes, "num_processes", 1)
         if self.checkpoint_steps is not None:
-            _int(self.checkpoint_steps, "checkpoint_steps", 1)
-        _number(self.learning_rate, "learning_rate", 0.0, math.inf, low_open=True)
+            integer(self.checkpoint_steps, "checkpoint_steps", 1)
+        number(self.learning_rate, "learning_rate", 0.0, math.inf, low_open=True)
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
-        set_("chat_loss", _choice(self.chat_loss, "data.chat_loss", CHAT_LOSSES))
-        set_("determinism", _choice(self.determinism, "determinism", DETERMINISM))
+        set_("chat_loss", choice(self.chat_loss, "data.chat_loss", CHAT_LOSSES))
+        set_("determinism", choice(self.determinism, "determinism", DETERMINISM))
         if self.neftune_noise_alpha is not None:
-            _number(self.neftune_noise_alpha, "neftune_noise_alpha", 0.0, math.inf)
+            number(self.neftune_noise_alpha, "neftune_noise_alpha", 0.0, math.inf)
         set_("mixture", _mixture(self.mixture))
-        set_("mixture_mode", _choice(self.mixture_mode, "data.mixture_mode", MIXTURE_MODES))
+        set_("mixture_mode", choice(self.mixture_mode, "data.mixture_mode", MIXTURE_MODES))
         if self.mixture_size is not None:
-            _int(self.mixture_size, "data.mixture_size", 1)
-        _int(self.mixture_seed, "data.mixture_seed", 0)
+            integer(self.mixture_size, "data.mixture_size", 1)
+        integer(self.mixture_seed, "data.mixture_seed", 0)
         total = self.optimization.total_train_batch_size
         if total is not None:
             if self.accumulate_steps != 1:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import alog
-import caikit
+
+from ..config import library_settings
 
 log = alog.use_channel("TRACK")
 
@@ -33,19 +34,14 @@ def run_name(name: str) -> Iterator[None]:
         _RUN_NAME.reset(token)
 
 
-def _mlflow_config() -> dict:
-    tracking = caikit.get_config().get("tracking") or {}
-    return dict(tracking.get("mlflow") or {})
-
-
 class Tracker:
     """Logs one training run; a no-op unless MLflow tracking is configured."""
 
     def __init__(self, params: dict[str, Any], enabled: bool = True):
         """`enabled` False (a data-parallel process other than rank 0): log nothing."""
         self.run_id: str | None = None
-        config = _mlflow_config()
-        uri = config.get("tracking_uri")
+        settings = library_settings()
+        uri = settings.mlflow_tracking_uri
         if not uri or not enabled:
             self._client = None
             return
@@ -63,7 +59,7 @@ class Tracker:
             os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             uri = Path(uri).resolve().as_uri()
         self._client = MlflowClient(tracking_uri=uri)
-        experiment = config.get("experiment") or "caikit_tuning"
+        experiment = settings.mlflow_experiment
         found = self._client.get_experiment_by_name(experiment)
         experiment_id = found.experiment_id if found else self._client.create_experiment(experiment)
         run = self._client.create_run(experiment_id, run_name=_RUN_NAME.get())
@@ -89,7 +85,7 @@ class Tracker:
 
 def record_model_path(run_id: str | None, path: str) -> None:
     """Tag a finished run with where its model was saved."""
-    uri = _mlflow_config().get("tracking_uri")
+    uri = library_settings().mlflow_tracking_uri
     if not run_id or not uri:
         return
     from mlflow.tracking import MlflowClient

@@ -11,11 +11,11 @@ from caikit.interfaces.nlp.data_model import FinishReason
 
 from caikit_tuning import PeftPromptTuning, TextGeneration, TrainGenerationRecord, TuningConfig
 from caikit_tuning.base_models import registry
-from caikit_tuning.base_models.prefix import PromptPrefix
 from caikit_tuning.generation import GenerationSettings
 from caikit_tuning.generation.batching import BatchingEngine, QueueFull, engine_for
 from caikit_tuning.generation.decoding import NonFiniteScores
 from caikit_tuning.generation.stream import prepare_prompt, stream_generation
+from caikit_tuning.inputs.prefix import PromptPrefix
 
 PROMPTS = [
     "the film is",

@@ -15,8 +15,9 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from caikit_tuning import TrainGenerationRecord
-from caikit_tuning.base_models import NO_PREFIX, locate_base_model
+from caikit_tuning.base_models import locate_base_model
 from caikit_tuning.data_model.adapters import AdapterConfig, QuantizationConfig
+from caikit_tuning.inputs import NO_PREFIX
 from caikit_tuning.modules.lora import (
     AdapterSettings,
     LoraTuning,

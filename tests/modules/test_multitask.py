@@ -51,7 +51,7 @@ def two_task_source(source_base):
 
 @pytest.fixture(scope="session")
 def narrow_llama(base_models_dir, train_rows):
-    from caikit_tuning.base_models.tiny import build_tiny_llama
+    from caikit_tuning.testing.tiny_models import build_tiny_llama
 
     return build_tiny_llama(
         base_models_dir / "tiny-llama-32", [r["input"] for r in train_rows[:300]], hidden=32

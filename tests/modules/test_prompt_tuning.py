@@ -216,7 +216,7 @@ def test_adapter_loads_with_plain_peft_and_gives_the_same_logits(
 
 
 def _embed(model, ids, where):
-    from caikit_tuning.base_models import embed_with_prefix
+    from caikit_tuning.inputs import embed_with_prefix
 
     vectors = getattr(model.prompt.prefix(), where)
     return embed_with_prefix(model.base.model, ids["input_ids"], ids["attention_mask"], vectors)

@@ -5,8 +5,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from caikit_tuning import PeftPromptTuning, TrainGenerationRecord, TuningConfig
-from caikit_tuning.base_models import PromptPrefix
 from caikit_tuning.data import Example, collate_packed
+from caikit_tuning.inputs import PromptPrefix
 from caikit_tuning.training import summed_token_loss
 from caikit_tuning.training.devices import bf16_supported
 from caikit_tuning.training.precision import FrozenWeightCast

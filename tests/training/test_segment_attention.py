@@ -4,8 +4,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from caikit_tuning.base_models import PromptPrefix
 from caikit_tuning.data import Example, collate_packed
+from caikit_tuning.inputs import PromptPrefix
 from caikit_tuning.training import summed_token_loss
 from caikit_tuning.training.segment_attention import (
     NAME,

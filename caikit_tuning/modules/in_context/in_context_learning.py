@@ -17,18 +17,11 @@ from caikit.core.modules import ModuleLoader, ModuleSaver
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 from safetensors.torch import load_file, save_file
 
-from ...base_models import (
-    BaseModel,
-    BaseModelSource,
-    atomic_folder,
-    load_shared,
-    locate_base_model,
-    read_jsonl,
-    write_jsonl,
-)
+from ...base_models import BaseModel, BaseModelSource, load_shared, locate_base_model
 from ...data import Verbalizer, check_fields, collect_records
 from ...data_model import TrainGenerationRecord
 from ...generation import TextGenerator, generation_api
+from ...storage import atomic_folder, read_jsonl, write_jsonl
 from ..recipe import placement
 from .retrieval import RETRIEVALS, Embedder, nearest_examples, random_examples
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import caikit
 from peft import PeftConfig, PeftModel
 from peft.utils import CONFIG_NAME, SAFETENSORS_WEIGHTS_NAME
 from transformers import PreTrainedModel
 
-from ...base_models import resolve_under
-from ...base_models.loading import base_models_dir
+from ...config import library_settings
+from ...storage import resolve_under
 
 # Inside a saved LoraTuning model, the PEFT adapter lives in this sub-folder.
 ADAPTER_FOLDER = "adapter"
@@ -31,18 +30,18 @@ def locate_adapter(value: object, field: str) -> Path:
     A saved LoraTuning model may be named too: its adapter sub-folder is used."""
     if not isinstance(value, str) or not value.strip():
         raise ValueError(f"`{field}` must name a saved adapter folder, got {value!r}.")
-    restricted = bool(caikit.get_config().get("restrict_base_models_to_dir", False))
+    restricted = library_settings().restrict_base_models_to_dir
     if not restricted and Path(value).expanduser().is_dir():
         folder = Path(value).expanduser().resolve()
     else:
-        folder = resolve_under(base_models_dir(), value, field)
+        folder = resolve_under(library_settings().base_models_dir, value, field)
     if not (folder / CONFIG_NAME).is_file() and (folder / ADAPTER_FOLDER).is_dir():
         folder = inside(folder, ADAPTER_FOLDER, "its adapter")
     if not (folder / CONFIG_NAME).is_file():
         raise ValueError(
             f"`{field}` {value!r} is not an adapter: {folder} has no {CONFIG_NAME}. Name a "
             "folder written by LoraTuning.save or PeftModel.save_pretrained (under "
-            f"base_models_dir={base_models_dir().resolve()})."
+            "base_models_dir)."
         )
     if not (folder / SAFETENSORS_WEIGHTS_NAME).is_file():
         raise ValueError(

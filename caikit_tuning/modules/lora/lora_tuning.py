@@ -12,15 +12,7 @@ from caikit.core.modules import ModuleLoader, ModuleSaver
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 from peft import PeftModel, get_peft_model
 
-from ...base_models import (
-    BaseModel,
-    BaseModelSource,
-    LocatedModel,
-    atomic_folder,
-    load_base,
-    locate_base_model,
-    read_jsonl,
-)
+from ...base_models import BaseModel, BaseModelSource, LocatedModel, load_base, locate_base_model
 from ...data import Verbalizer
 from ...data_model import (
     DataConfig,
@@ -31,6 +23,7 @@ from ...data_model import (
 )
 from ...data_model.adapters import AdapterConfig, AdapterType, QuantizationConfig
 from ...generation import TextGenerator, generation_api
+from ...storage import atomic_folder, read_jsonl
 from ...training import TrainingSettings, seed_everything, total_steps
 from ...training.distributed import world
 from ..recipe import (

@@ -13,7 +13,6 @@ from typing import Any
 
 import alog
 import torch
-from caikit.core import DataObjectBase
 from transformers import AutoModelForCausalLM, AutoModelForSeq2SeqLM
 
 from ...base_models import (
@@ -25,7 +24,7 @@ from ...base_models import (
     trust_remote_code,
 )
 from ...data_model.adapters import QuantizationConfig, QuantizationType
-from ..prompt_tuning.settings import parse_enum
+from ...data_model.values import choice, flag, member, message_fields
 
 log = alog.use_channel("QLORA")
 
@@ -54,55 +53,30 @@ class QuantizationSettings:
                         "['bits']."
                     )
             return
-        if not isinstance(self.double_quant, bool):
-            raise TypeError(
-                f"`{FIELD}.double_quant` must be true or false, got {self.double_quant!r}."
-            )
-        if self.compute_dtype not in COMPUTE_DTYPES:
-            raise ValueError(
-                f"`{FIELD}.compute_dtype` must be one of {list(COMPUTE_DTYPES)}, "
-                f"got {self.compute_dtype!r}."
-            )
+        flag(self.double_quant, f"{FIELD}.double_quant")
+        dtype = choice(self.compute_dtype, f"{FIELD}.compute_dtype", COMPUTE_DTYPES)
+        object.__setattr__(self, "compute_dtype", dtype)
 
     @classmethod
     def from_request(cls, quantization: Any) -> QuantizationSettings | None:
         """None when the request asks for no quantization."""
         if quantization is None:
             return None
-        values = _request_fields(quantization)
+        values = message_fields(quantization, _FIELDS, FIELD)
         bits = values.pop("bits", 4)
         if bits == 8:
             # The 4-bit fields must stay unset; __post_init__ names any that is not.
             return cls(bits=8, **{**dict.fromkeys(_FOUR_BIT_FIELDS), **values})
         if "quant_type" in values:
-            values["quant_type"] = parse_enum(
+            values["quant_type"] = member(
                 values["quant_type"], QuantizationType, f"{FIELD}.quant_type"
             )
-        if isinstance(values.get("compute_dtype"), str):
-            values["compute_dtype"] = values["compute_dtype"].lower()
         return cls(bits=bits, **values)
 
     def to_config(self) -> dict[str, Any]:
         config = asdict(self)
         config["quant_type"] = self.quant_type.name if self.quant_type else None
         return config
-
-
-def _request_fields(quantization: Any) -> dict[str, Any]:
-    if isinstance(quantization, dict):
-        unknown = sorted(set(quantization) - set(_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"`{FIELD}` has unknown field(s) {unknown}; valid fields are {list(_FIELDS)}."
-            )
-        return {k: v for k, v in quantization.items() if v is not None}
-    if isinstance(quantization, DataObjectBase):
-        # proto3 fields carry no presence: 0, false and "" are what an unset field holds.
-        values = {name: getattr(quantization, name, None) for name in _FIELDS}
-        return {k: v for k, v in values.items() if v not in (None, 0, False, "")}
-    raise TypeError(
-        f"`{FIELD}` must be a QuantizationConfig or a dict, got {type(quantization).__name__}."
-    )
 
 
 def bitsandbytes_kwargs(settings: QuantizationSettings) -> dict[str, Any]:

@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Any
 
-from caikit.core import DataObjectBase
 from peft import AdaLoraConfig, IA3Config, LoraConfig, PeftConfig, TaskType
 
 from ...data_model.adapters import AdapterConfig, AdapterType
-from ..prompt_tuning.settings import parse_enum
+from ...data_model.values import flag, integer, member, message_fields, number
 
 FIELD = "adapter_config"
 BIASES = ("none", "all", "lora_only")
@@ -62,31 +60,19 @@ _WIRE_FIELDS: tuple[str, ...] = tuple(AdapterConfig.fields)
 
 
 def _int(minimum: int):
-    def check(value: Any, name: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"`{FIELD}.{name}` must be an integer, got {value!r}.")
-        if value < minimum:
-            raise ValueError(f"`{FIELD}.{name}` must be >= {minimum}, got {value}.")
-
-    return check
+    return lambda value, name: integer(value, f"{FIELD}.{name}", minimum)
 
 
-def _number(upper: float):
-    """A number in [0, upper)."""
+def _fraction(value: Any, name: str) -> None:
+    number(value, f"{FIELD}.{name}", 0.0, 1.0, high_open=True)
 
-    def check(value: Any, name: str) -> None:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise TypeError(f"`{FIELD}.{name}` must be a number, got {value!r}.")
-        if not 0 <= value < upper:
-            bound = f"in [0, {upper:g})" if upper != math.inf else ">= 0"
-            raise ValueError(f"`{FIELD}.{name}` must be {bound}, got {value}.")
 
-    return check
+def _non_negative(value: Any, name: str) -> None:
+    number(value, f"{FIELD}.{name}", 0.0)
 
 
 def _flag(value: Any, name: str) -> None:
-    if not isinstance(value, bool):
-        raise TypeError(f"`{FIELD}.{name}` must be true or false, got {value!r}.")
+    flag(value, f"{FIELD}.{name}")
 
 
 def _bias(value: Any, name: str) -> None:
@@ -109,8 +95,8 @@ def _names(value: Any, name: str) -> None:
 _CHECKS = {
     **dict.fromkeys(("r", "alpha", "target_r", "init_r", "delta_t", "total_step"), _int(1)),
     **dict.fromkeys(("tinit", "tfinal"), _int(0)),
-    **dict.fromkeys(("dropout", "beta1", "beta2"), _number(1.0)),
-    "orth_reg_weight": _number(math.inf),
+    **dict.fromkeys(("dropout", "beta1", "beta2"), _fraction),
+    "orth_reg_weight": _non_negative,
     **dict.fromkeys(("use_rslora", "use_dora"), _flag),
     "bias": _bias,
     **dict.fromkeys(("target_modules", "feedforward_modules"), _names),
@@ -176,7 +162,7 @@ class AdapterSettings:
     def from_request(cls, adapter_config: Any) -> AdapterSettings:
         """Settings with every default applied except the model- and run-dependent ones."""
         values = requested_fields(adapter_config)
-        kind = parse_enum(
+        kind = member(
             values.pop("adapter_type", None) or "LORA", AdapterType, f"{FIELD}.adapter_type"
         )
         check_applicable(kind, list(values))
@@ -215,7 +201,7 @@ class AdapterSettings:
     def from_config(cls, config: dict[str, Any]) -> AdapterSettings:
         """Settings as `to_config` saved them in config.yml."""
         values = dict(config)
-        kind = parse_enum(values.pop("adapter_type"), AdapterType, f"{FIELD}.adapter_type")
+        kind = member(values.pop("adapter_type"), AdapterType, f"{FIELD}.adapter_type")
         for name in ("target_modules", "feedforward_modules"):
             if values.get(name) is not None:
                 values[name] = tuple(values[name])
@@ -249,23 +235,7 @@ def check_applicable(kind: AdapterType, names: list[str]) -> None:
 
 def requested_fields(adapter_config: Any) -> dict[str, Any]:
     """The set fields of a request's adapter_config (an AdapterConfig or a dict)."""
-    if adapter_config is None:
-        return {}
-    if isinstance(adapter_config, dict):
-        unknown = sorted(set(adapter_config) - set(_WIRE_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"`{FIELD}` has unknown field(s) {unknown}; valid fields are {list(_WIRE_FIELDS)}."
-            )
-        return {k: v for k, v in adapter_config.items() if v is not None}
-    if isinstance(adapter_config, DataObjectBase):
-        # proto3 fields carry no presence: a message from gRPC holds 0, false or empty
-        # for every field the client did not set, so those values mean "the default".
-        values = {name: getattr(adapter_config, name, None) for name in _WIRE_FIELDS}
-        return {k: v for k, v in values.items() if v not in (None, 0, False, "", [])}
-    raise TypeError(
-        f"`{FIELD}` must be an AdapterConfig or a dict, got {type(adapter_config).__name__}."
-    )
+    return message_fields(adapter_config, _WIRE_FIELDS, FIELD)
 
 
 # ---------------------------------------------------------------- PEFT configs

@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from peft import PeftModel
 
-from ...base_models import NO_PREFIX, BaseModel
+from ...base_models import BaseModel
+from ...inputs import NO_PREFIX
 from ...training import TrainingResult
 from ..recipe import TrainingPlan, fit
 

@@ -9,17 +9,16 @@ Served models use a plain prompt: the product for task 0.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
-import caikit
 import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from ...base_models.paths import resolve_under
-from ...base_models.prefix import PromptPrefix
+from ...config import library_settings
 from ...data_model import PromptOutputModelType, PromptTuningInitMethod
+from ...inputs.prefix import PromptPrefix
+from ...storage.paths import resolve_under
 from .settings import PromptTuningSettings
 from .soft_prompt import SoftPrompt
 
@@ -142,10 +141,8 @@ def _check_source(source: dict, rows: int, hidden: int, settings: PromptTuningSe
 
 
 def source_prompt_base() -> Path:
-    """Where source prompt names resolve: SOURCE_PROMPT_BASE, else the config key."""
-    return Path(
-        os.environ.get("SOURCE_PROMPT_BASE") or caikit.get_config().get("source_prompt_base") or "."
-    )
+    """Where source prompt names resolve (config `source_prompt_base`)."""
+    return library_settings().source_prompt_base
 
 
 def source_prefix(source: MultitaskSoftPrompt):

@@ -4,7 +4,6 @@ from pathlib import Path
 from typing import Optional
 
 import alog
-import caikit
 import torch
 from caikit.core import ModuleBase, module
 from caikit.core.data_model import DataStream, ProducerId
@@ -15,13 +14,12 @@ from ...base_models import (
     BaseModel,
     BaseModelSource,
     LocatedModel,
-    atomic_folder,
     hidden_size,
     load_model_config,
     load_shared,
     locate_base_model,
-    read_jsonl,
 )
+from ...config import library_settings
 from ...data import Verbalizer, task_names
 from ...data_model import (
     DataConfig,
@@ -34,7 +32,9 @@ from ...data_model import (
     TuningType,
     ValidationConfig,
 )
+from ...data_model.values import member
 from ...generation import TextGenerator, generation_api
+from ...storage import atomic_folder, read_jsonl
 from ...training import seed_everything
 from ..caikit_nlp import (
     PEFT_PROMPT_TUNING_ID,
@@ -66,7 +66,7 @@ from .multitask import (
     source_prefix,
     source_prompt_base,
 )
-from .settings import PromptTuningSettings, parse_enum
+from .settings import PromptTuningSettings
 from .soft_prompt import SoftPrompt, export_tgis, initial_weight, load_adapter, save_adapter
 
 log = alog.use_channel("PROMPT")
@@ -273,7 +273,7 @@ class PeftPromptTuning(ModuleBase):
                 bundled = {"base_model_folder": BUNDLED_BASE}
             if self.source is not None:
                 self.source.save_source(staging)
-            if caikit.get_config().get("export_tgis_prompts"):
+            if library_settings().export_tgis_prompts:
                 export_tgis(staging, self.prompt)
             write_training_artifacts(staging, self.training_logs, self.base.source.name or "model")
             saver = ModuleSaver(self, model_path=str(staging))
@@ -319,15 +319,13 @@ class PeftPromptTuning(ModuleBase):
             raise ValueError(f"cannot load the prompt model {folder.name}: {err}") from err
         device_, dtype = placement(device, torch_dtype)
         placements = tuple(
-            parse_enum(p, PromptOutputModelType, "output_model_types")
+            member(p, PromptOutputModelType, "output_model_types")
             for p in config.output_model_types
         )
         settings = PromptTuningSettings(
-            tuning_type=parse_enum(config.tuning_type, TuningType, "tuning_type"),
+            tuning_type=member(config.tuning_type, TuningType, "tuning_type"),
             num_virtual_tokens=int(config.num_virtual_tokens),
-            init_method=parse_enum(
-                config.prompt_tuning_init_method, PromptTuningInitMethod, "init"
-            ),
+            init_method=member(config.prompt_tuning_init_method, PromptTuningInitMethod, "init"),
             init_text=None,
             init_source_model=None,
             placements=placements,
@@ -384,7 +382,7 @@ class PeftPromptTuning(ModuleBase):
                 f"{name!r} is {'an encoder-decoder' if base.is_encoder_decoder else 'a causal'} model."
             )
         _check_width(prompt, base, folder, name)
-        tuning = parse_enum(config.get("tuning_type") or "PROMPT_TUNING", TuningType, "tuning_type")
+        tuning = member(config.get("tuning_type") or "PROMPT_TUNING", TuningType, "tuning_type")
         settings = PromptTuningSettings(
             tuning_type=tuning,
             num_virtual_tokens=prompt.num_virtual_tokens,

@@ -5,12 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from ...data_model import (
-    PromptOutputModelType,
-    PromptTuningInitMethod,
-    TuningConfig,
-    TuningType,
-)
+from ...data_model import PromptOutputModelType, PromptTuningInitMethod, TuningType
+from ...data_model.values import described, member, message_fields
 
 _INIT_ALIASES = {"AVERAGE_SOURCE_TASKS": "AVERAGE_SOURCE"}
 _SOURCE_METHODS = (PromptTuningInitMethod.ONLY_SOURCE_SHARED, PromptTuningInitMethod.AVERAGE_SOURCE)
@@ -25,36 +21,10 @@ _TUNING_CONFIG_FIELDS = (
 MAX_VIRTUAL_TOKENS = 1024
 
 
-def parse_enum(value: Any, enum_type, field: str, aliases: dict[str, str] | None = None):
-    if isinstance(value, enum_type):
-        return value
-    if isinstance(value, str):
-        name = value.strip().upper()
-        name = (aliases or {}).get(name, name)
-        if name in enum_type.__members__:
-            return enum_type[name]
-    valid = list(enum_type.__members__) + list(aliases or {})
-    raise ValueError(f"`{field}` must be one of {valid}, got {value!r}.")
-
-
 def _tuning_config_dict(tuning_config: Any) -> dict[str, Any]:
     if tuning_config is None:
         raise ValueError("`tuning_config` is required; give at least `num_virtual_tokens`.")
-    if isinstance(tuning_config, TuningConfig):
-        # A wire message (proto3) cannot tell an unset field from 0 / "" / []: unset.
-        values = {name: getattr(tuning_config, name) for name in _TUNING_CONFIG_FIELDS}
-        return {name: value for name, value in values.items() if value not in (None, 0, "", [])}
-    if isinstance(tuning_config, dict):
-        unknown = sorted(set(tuning_config) - set(_TUNING_CONFIG_FIELDS))
-        if unknown:
-            raise ValueError(
-                f"`tuning_config` has unknown field(s) {unknown}; valid fields are "
-                f"{list(_TUNING_CONFIG_FIELDS)}."
-            )
-        return dict(tuning_config)
-    raise TypeError(
-        f"`tuning_config` must be a TuningConfig or a dict, got {type(tuning_config).__name__}."
-    )
+    return message_fields(tuning_config, _TUNING_CONFIG_FIELDS, "tuning_config")
 
 
 @dataclass(frozen=True)
@@ -80,9 +50,14 @@ class PromptTuningSettings:
         cls, tuning_type: Any, tuning_config: Any, is_encoder_decoder: bool
     ) -> PromptTuningSettings:
         config = _tuning_config_dict(tuning_config)
-        tuning = parse_enum(tuning_type or "PROMPT_TUNING", TuningType, "tuning_type")
+        tuning = member(tuning_type or "PROMPT_TUNING", TuningType, "tuning_type")
         multitask = tuning == TuningType.MULTITASK_PROMPT_TUNING
         count = config.get("num_virtual_tokens")
+        if count is None:  # not given, or 0 in a wire message (proto3 cannot tell)
+            raise ValueError(
+                "`tuning_config.num_virtual_tokens` must be an integer in "
+                f"1..{MAX_VIRTUAL_TOKENS}; it is 0 or unset (a wire message cannot tell the two)."
+            )
         if (
             isinstance(count, bool)
             or not isinstance(count, int)
@@ -90,9 +65,9 @@ class PromptTuningSettings:
         ):
             raise ValueError(
                 f"`tuning_config.num_virtual_tokens` must be an integer in 1..{MAX_VIRTUAL_TOKENS}, "
-                f"got {count!r}."
+                f"got {described(count)}."
             )
-        method = parse_enum(
+        method = member(
             config.get("prompt_tuning_init_method") or "RANDOM",
             PromptTuningInitMethod,
             "tuning_config.prompt_tuning_init_method",
@@ -160,7 +135,7 @@ def _placements(value: Any, is_encoder_decoder: bool) -> tuple[PromptOutputModel
         return (default,)
     if isinstance(value, str):
         value = [value]
-    chosen = {parse_enum(v, PromptOutputModelType, field) for v in value}
+    chosen = {member(v, PromptOutputModelType, field) for v in value}
     if not is_encoder_decoder and PromptOutputModelType.ENCODER in chosen:
         raise ValueError(
             f"`{field}` ENCODER needs an encoder-decoder model; a causal LM only has a DECODER."

@@ -10,8 +10,8 @@ from peft import PromptTuningConfig, TaskType
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from ...base_models.prefix import PromptPrefix
 from ...data_model import PromptOutputModelType, PromptTuningInitMethod
+from ...inputs.prefix import PromptPrefix
 from .settings import PromptTuningSettings
 
 ADAPTER_CONFIG = "adapter_config.json"

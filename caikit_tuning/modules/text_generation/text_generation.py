@@ -9,16 +9,7 @@ from caikit.core.data_model import DataStream, ProducerId
 from caikit.core.modules import ModuleLoader, ModuleSaver
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 
-from ...base_models import (
-    NO_PREFIX,
-    BaseModel,
-    BaseModelSource,
-    LocatedModel,
-    atomic_folder,
-    load_shared,
-    locate_base_model,
-    read_jsonl,
-)
+from ...base_models import BaseModel, BaseModelSource, LocatedModel, load_shared, locate_base_model
 from ...data import Verbalizer
 from ...data_model import (
     DataConfig,
@@ -28,6 +19,8 @@ from ...data_model import (
     ValidationConfig,
 )
 from ...generation import TextGenerator, generation_api
+from ...inputs import NO_PREFIX
+from ...storage import atomic_folder, read_jsonl
 from ...training import seed_everything
 from ..caikit_nlp import TEXT_GENERATION_ID, forget_caikit_nlp_config, named_folder
 from ..recipe import (

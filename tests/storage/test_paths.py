@@ -2,7 +2,7 @@ import os
 
 import pytest
 
-from caikit_tuning.base_models import resolve_under
+from caikit_tuning.storage import resolve_under
 
 
 def test_names_resolve_inside_the_root(tmp_path):

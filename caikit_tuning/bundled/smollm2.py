@@ -8,7 +8,7 @@ from pathlib import Path
 
 import alog
 
-from .artifacts import atomic_folder
+from ..storage import atomic_folder
 
 log = alog.use_channel("BASE")
 

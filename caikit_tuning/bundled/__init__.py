@@ -1,0 +1,1 @@
+"""Models that ship inside PyPI packages, copied once into base_models_dir."""
