@@ -9,12 +9,16 @@ from .batching import (
     length_grouped_batches,
 )
 from .files import read_records_file
+from .reading import RecordPlan, read_records, trained_on_chat
 from .records import check_fields, collect_records, is_chat
 from .tokenize import Example, build_examples, encode_sources, task_names, tokenize_examples
 from .verbalizer import Verbalizer
 
 __all__ = [
     "Batch",
+    "RecordPlan",
+    "read_records",
+    "trained_on_chat",
     "Example",
     "build_examples",
     "Verbalizer",

@@ -1,13 +1,21 @@
-"""Evaluate any generation module on held-out records: accuracy and per-label counts."""
+"""Evaluate generation on held-out records: a served module's accuracy and per-label
+counts, and the validation accuracy a training run reports."""
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+from caikit.core.data_model import ProducerId
+
+from ..base_models import BaseModel
+from ..generation import GenerationSettings, TextGenerator
 from ..generation.labels import LabelRule
+from ..inputs import PromptPrefix
+from ..training.fit import TrainingPlan
 
 
 def balanced(
@@ -66,3 +74,33 @@ def evaluate(
         },
         "predictions": predictions,
     }
+
+
+def exact_match_accuracy(
+    base: BaseModel,
+    plan: TrainingPlan,
+    prefix: Callable[[None], PromptPrefix],
+    records: list[dict],
+) -> Callable[[], float] | None:
+    """Validation accuracy for training.fit: greedy exact match on the first
+    validation.accuracy_examples records (None when there is nothing to score)."""
+    if not records or not plan.training.validation.accuracy_examples:
+        return None
+    count = plan.training.validation.accuracy_examples
+    sample = records[:count]
+    verbalizer = plan.verbalizer
+    settings = GenerationSettings(max_new_tokens=plan.training.max_target_length)
+
+    def accuracy() -> float:
+        base.model.eval()
+        generator = TextGenerator(
+            base.model, base.tokenizer, ProducerId("validation", "0"), prefix(None)
+        )
+        hits = sum(
+            generator.generate(verbalizer.render(r), settings).generated_text.strip()
+            == r["output"].strip()
+            for r in sample
+        )
+        return hits / len(sample)
+
+    return accuracy

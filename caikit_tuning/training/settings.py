@@ -154,7 +154,7 @@ class TrainingSettings:
     mixture_mode: str = "concatenate"
     mixture_size: int | None = None
     mixture_seed: int = 0
-    # The task-type preset that filled the knobs left unset (recorded, see modules/presets).
+    # The task-type preset that filled the knobs left unset (recorded, see training/presets).
     preset: str | None = None
     # NEFTune: uniform noise of this scale on the input token embeddings while training.
     neftune_noise_alpha: float | None = None

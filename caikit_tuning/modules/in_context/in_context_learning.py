@@ -22,7 +22,7 @@ from ...data import Verbalizer, check_fields, collect_records
 from ...data_model import TrainGenerationRecord
 from ...generation import TextGenerator, generation_api
 from ...storage import atomic_folder, read_jsonl, write_jsonl
-from ..recipe import placement
+from ...training.fit import placement
 from .retrieval import RETRIEVALS, Embedder, nearest_examples, random_examples
 
 log = alog.use_channel("ICL")

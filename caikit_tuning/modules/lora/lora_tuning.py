@@ -7,36 +7,26 @@ from typing import Optional
 
 import alog
 from caikit.core import ModuleBase, module
-from caikit.core.data_model import DataStream, ProducerId
+from caikit.core.data_model import ProducerId
 from caikit.core.modules import ModuleLoader, ModuleSaver
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 from peft import PeftModel, get_peft_model
 
 from ...base_models import BaseModel, BaseModelSource, LocatedModel, load_base, locate_base_model
-from ...data import Verbalizer
-from ...data_model import (
-    DataConfig,
-    OptimizationConfig,
-    RopeScalingConfig,
-    TrainGenerationRecord,
-    ValidationConfig,
-)
+from ...data import Verbalizer, read_records, trained_on_chat
 from ...data_model.adapters import AdapterConfig, AdapterType, QuantizationConfig
 from ...generation import TextGenerator, generation_api
 from ...storage import atomic_folder, read_jsonl
 from ...training import TrainingSettings, seed_everything, total_steps
+from ...training.api import TrainRequest, train_api
 from ...training.distributed import world
-from ..recipe import (
+from ...training.fit import (
     TRAINING_LOGS,
     TrainingPlan,
     after_save,
-    bind_arguments,
     placement,
     plan_training,
-    read_records,
-    trained_on_chat,
     training_summary,
-    training_values,
     write_training_artifacts,
 )
 from .adapter_files import (
@@ -111,65 +101,18 @@ class LoraTuning(ModuleBase):
     # ---------------------------------------------------------------- training
 
     @classmethod
+    @train_api("lora")
     def train(
         cls,
-        base_model: str,
-        train_stream: DataStream[TrainGenerationRecord],
-        val_stream: Optional[DataStream[TrainGenerationRecord]] = None,
-        device: Optional[str] = None,
-        num_epochs: Optional[int] = None,
-        learning_rate: Optional[float] = None,
-        verbalizer: Optional[str] = "{{input}}",
-        batch_size: Optional[int] = None,
-        max_source_length: Optional[int] = 256,
-        max_target_length: Optional[int] = 128,
-        accumulate_steps: Optional[int] = None,
-        torch_dtype: Optional[str] = None,
-        silence_progress_bars: Optional[bool] = True,
-        seed: Optional[int] = 42,
-        gradient_checkpointing: Optional[bool] = False,
-        validation: Optional[ValidationConfig] = None,
-        optimization: Optional[OptimizationConfig] = None,
-        data: Optional[DataConfig] = None,
-        checkpoint_steps: Optional[int] = None,
+        request: TrainRequest,
         adapter_config: Optional[AdapterConfig] = None,
         merge_adapter_into_base_model: Optional[bool] = False,
         pretrained_adapter_weights: Optional[str] = None,
         quantization: Optional[QuantizationConfig] = None,
-        preset: Optional[str] = None,
-        neftune_noise_alpha: Optional[float] = None,
-        rope_scaling: Optional[RopeScalingConfig] = None,
-        determinism: Optional[str] = None,
     ) -> "LoraTuning":
         """Train a weight adapter for `base_model` on input/output records.
 
         Args:
-            base_model: a name under `base_models_dir` or, in-process, a model folder.
-            train_stream: TrainGenerationRecord records (`input`, `output`).
-            val_stream: records whose loss is logged after every epoch.
-            device: "cpu", "cuda", ...; default: a GPU when there is one.
-            num_epochs: passes over the training records. Default 3 (or the preset's).
-            learning_rate: AdamW learning rate, decayed linearly to 0. Default 2e-4 (or the preset's).
-            verbalizer: template that turns a record into the model's input; applied at
-                inference too. Default "{{input}}".
-            batch_size: records per micro-batch. Default 8 (or the preset's).
-            max_source_length: longest input in tokens; longer ones lose their start. Default 256.
-            max_target_length: longest output in tokens, EOS included. Default 128.
-            accumulate_steps: micro-batches per optimizer step. Default 1 (or the preset's).
-            torch_dtype: weight dtype (float32, bfloat16, float16); default float32 on CPU,
-                bf16/fp16 on GPUs.
-            silence_progress_bars: hide the progress bar. Default True.
-            seed: seeds the adapter initialisation and the data order. Default 42.
-            gradient_checkpointing: recompute activations to save memory. Default False.
-            validation: split_ratio / split_seed (a validation set cut from the training
-                records), eval_steps (default: every epoch), accuracy_examples (greedy
-                exact-match on that many records), early_stopping_patience / _min_delta.
-            optimization: total_train_batch_size / max_per_device_train_batch_size (derive
-                batch and accumulation), lr_scaling (none, sqrt, linear), lr_scheduler
-                (linear, cosine, constant), warmup_steps / warmup_ratio, weight_decay,
-                max_grad_norm.
-            data: chat_loss for chat records: last_assistant (default), assistant, all.
-            checkpoint_steps: save resumable state every N steps into the job's folder.
             adapter_config: adapter_type (LORA, ADALORA, IA3) and that type's fields; default
                 LoRA of rank 8 on the attention query/value projections found in the model.
             merge_adapter_into_base_model: save the base model with the adapter merged in
@@ -180,20 +123,19 @@ class LoraTuning(ModuleBase):
             quantization: load the frozen base model in 4 or 8 bits (QLoRA; needs a CUDA
                 GPU and bitsandbytes): bits, quant_type (NF4, FP4), double_quant,
                 compute_dtype. Default: no quantization.
-            preset: classification, generation or summarization: the defaults it sets for
-                num_epochs, learning_rate, batch_size and accumulate_steps apply where the
-                request leaves them unset (see caikit_tuning/modules/presets.py).
-            neftune_noise_alpha: NEFTune noise on the input embeddings while training
-                (e.g. 5); unset: none.
-            rope_scaling: type (linear, dynamic) and factor (> 1) stretching a rotary
-                model's context; recorded and applied at inference too.
-            determinism: no, half (default: seeded, cuDNN deterministic) or full
-                (deterministic implementations only; an op without one raises).
         Returns:
             the trained LoraTuning model.
         """
-        plan, adapter = _plan(locals())
-        records, val_records = read_records(train_stream, val_stream, plan, (cls.MODULE_ID,))
+        plan, adapter = _plan(
+            request,
+            adapter_config,
+            merge_adapter_into_base_model,
+            pretrained_adapter_weights,
+            quantization,
+        )
+        records, val_records = read_records(
+            request.train_stream, request.val_stream, plan.records((cls.MODULE_ID,))
+        )
         seed_everything(plan.training.seed)
         base = _load_base(plan, adapter.quantization)
         peft_model, settings = _attach(base, adapter, _total_steps(plan.training, len(records)))
@@ -235,9 +177,9 @@ class LoraTuning(ModuleBase):
     def validate_training(cls, arguments: dict) -> None:
         """Check a train() call's arguments without training: the runtime calls this
         at submission so a bad request fails at once, before a job starts."""
-        values = bind_arguments(cls.train, arguments)
-        plan, _ = _plan(values)
-        read_records(values["train_stream"], values["val_stream"], plan, (cls.MODULE_ID,))
+        request, own = cls.train.request_from(arguments)
+        plan, _ = _plan(request, **own)
+        read_records(request.train_stream, request.val_stream, plan.records((cls.MODULE_ID,)))
 
     def model_input(self, text: str) -> str:
         """The model sees `text` through the verbalizer it was trained with."""
@@ -315,31 +257,30 @@ class LoraTuning(ModuleBase):
         )
 
 
-def _plan(arguments: dict) -> tuple[TrainingPlan, AdapterPlan]:
-    """Validate a train() call's arguments: the shared plan and the adapter's, checked
-    against the model's architecture (built on the meta device, without weights)."""
-    plan = plan_training(
-        arguments["base_model"],
-        arguments["device"],
-        arguments["verbalizer"],
-        arguments["torch_dtype"],
-        arguments["rope_scaling"],
-        **training_values(arguments, "lora"),
-    )
-    merge = arguments["merge_adapter_into_base_model"] or False
+def _plan(
+    request: TrainRequest,
+    adapter_config,
+    merge_adapter_into_base_model,
+    pretrained_adapter_weights,
+    quantization,
+) -> tuple[TrainingPlan, AdapterPlan]:
+    """Check a train() call: the shared plan and the adapter's, checked against the
+    model's architecture (built on the meta device, without weights)."""
+    plan = plan_training(request, "lora")
+    merge = merge_adapter_into_base_model or False
     if not isinstance(merge, bool):
         raise TypeError(f"`merge_adapter_into_base_model` must be true or false, got {merge!r}.")
-    quantization = _quantization(arguments["quantization"], merge, plan)
+    quantization = _quantization(quantization, merge, plan)
     skeleton = model_skeleton(plan.located)
-    if not arguments[PRETRAINED]:
-        settings = AdapterSettings.from_request(arguments["adapter_config"])
+    if not pretrained_adapter_weights:
+        settings = AdapterSettings.from_request(adapter_config)
         return plan, AdapterPlan(resolve_targets(settings, skeleton), None, quantization, merge)
-    if requested_fields(arguments["adapter_config"]):
+    if requested_fields(adapter_config):
         raise ValueError(
             f"give `adapter_config` or `{PRETRAINED}`, not both: a pretrained adapter keeps "
             "the settings it was trained with."
         )
-    folder = locate_adapter(arguments[PRETRAINED], PRETRAINED)
+    folder = locate_adapter(pretrained_adapter_weights, PRETRAINED)
     settings = AdapterSettings.from_peft_config(read_adapter_config(folder, PRETRAINED), PRETRAINED)
     check_targets(skeleton, settings.target_modules, "target_modules")
     return plan, AdapterPlan(settings, folder, quantization, merge)

@@ -4,7 +4,7 @@ AdaLoRA re-allocates ranks after every optimizer step, reading that step's gradi
 and adds an orthogonality penalty on its singular vectors to the loss. LoRA and IA3
 need neither.
 
-The shared loop runs both through `recipe.fit(..., after_step=, penalty=)`.
+The shared loop runs both through `training.fit.fit(..., after_step=, penalty=)`.
 """
 
 from __future__ import annotations
@@ -18,7 +18,8 @@ from peft import PeftModel
 from ...base_models import BaseModel
 from ...inputs import NO_PREFIX
 from ...training import TrainingResult
-from ..recipe import TrainingPlan, fit
+from ...training.fit import TrainingPlan, fit
+from ..evaluation import exact_match_accuracy
 
 
 @dataclass(frozen=True)
@@ -73,7 +74,9 @@ def fit_adapter(
     hooks: StepHooks = NO_HOOKS,
     cast_frozen_weights: bool = True,
 ) -> TrainingResult:
-    """recipe.fit with the adapter's step hooks (no soft prompt)."""
+    """training.fit with the adapter's step hooks (no soft prompt), and validation
+    accuracy when the plan asks for it."""
+    accuracy = exact_match_accuracy(base, plan, _no_prefix, val_records)
     return fit(
         base,
         plan,
@@ -84,4 +87,5 @@ def fit_adapter(
         after_step=hooks.after_step,
         penalty=hooks.penalty,
         cast_frozen_weights=cast_frozen_weights,
+        **({"accuracy": accuracy} if accuracy else {}),
     )

@@ -6,7 +6,7 @@ from typing import Optional
 import alog
 import torch
 from caikit.core import ModuleBase, module
-from caikit.core.data_model import DataStream, ProducerId
+from caikit.core.data_model import ProducerId
 from caikit.core.modules import ModuleLoader, ModuleSaver
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 
@@ -20,22 +20,23 @@ from ...base_models import (
     locate_base_model,
 )
 from ...config import library_settings
-from ...data import Verbalizer, task_names
-from ...data_model import (
-    DataConfig,
-    OptimizationConfig,
-    PromptOutputModelType,
-    PromptTuningInitMethod,
-    RopeScalingConfig,
-    TrainGenerationRecord,
-    TuningConfig,
-    TuningType,
-    ValidationConfig,
-)
+from ...data import Verbalizer, read_records, task_names, trained_on_chat
+from ...data_model import PromptOutputModelType, PromptTuningInitMethod, TuningConfig, TuningType
 from ...data_model.values import member
 from ...generation import TextGenerator, generation_api
 from ...storage import atomic_folder, read_jsonl
 from ...training import seed_everything
+from ...training.api import TrainRequest, train_api
+from ...training.fit import (
+    TRAINING_LOGS,
+    TrainingPlan,
+    after_save,
+    fit,
+    placement,
+    plan_training,
+    training_summary,
+    write_training_artifacts,
+)
 from ..caikit_nlp import (
     PEFT_PROMPT_TUNING_ID,
     forget_caikit_nlp_config,
@@ -43,20 +44,7 @@ from ..caikit_nlp import (
     named_folder,
     read_prompt_vectors,
 )
-from ..recipe import (
-    TRAINING_LOGS,
-    TrainingPlan,
-    after_save,
-    bind_arguments,
-    fit,
-    placement,
-    plan_training,
-    read_records,
-    trained_on_chat,
-    training_summary,
-    training_values,
-    write_training_artifacts,
-)
+from ..evaluation import exact_match_accuracy
 from .multitask import (
     MultitaskSoftPrompt,
     check_source_prompt,
@@ -119,83 +107,30 @@ class PeftPromptTuning(ModuleBase):
     # ---------------------------------------------------------------- training
 
     @classmethod
+    @train_api("prompt_tuning", after_device=("tuning_type",))
     def train(
         cls,
-        base_model: str,
-        train_stream: DataStream[TrainGenerationRecord],
+        request: TrainRequest,
         tuning_config: TuningConfig,
-        val_stream: Optional[DataStream[TrainGenerationRecord]] = None,
-        device: Optional[str] = None,
         tuning_type: Optional[str] = "PROMPT_TUNING",
-        num_epochs: Optional[int] = None,
-        learning_rate: Optional[float] = None,
-        verbalizer: Optional[str] = "{{input}}",
-        batch_size: Optional[int] = None,
-        max_source_length: Optional[int] = 256,
-        max_target_length: Optional[int] = 128,
-        accumulate_steps: Optional[int] = None,
-        torch_dtype: Optional[str] = None,
-        silence_progress_bars: Optional[bool] = True,
-        seed: Optional[int] = 42,
-        gradient_checkpointing: Optional[bool] = False,
-        validation: Optional[ValidationConfig] = None,
-        optimization: Optional[OptimizationConfig] = None,
-        data: Optional[DataConfig] = None,
-        checkpoint_steps: Optional[int] = None,
-        preset: Optional[str] = None,
-        neftune_noise_alpha: Optional[float] = None,
-        rope_scaling: Optional[RopeScalingConfig] = None,
-        determinism: Optional[str] = None,
     ) -> "PeftPromptTuning":
         """Learn a soft prompt for `base_model` from input/output records.
 
         Args:
-            base_model: a name under `base_models_dir` or, in-process, a model folder.
-            train_stream: TrainGenerationRecord records (`input`, `output`).
-            tuning_config: num_virtual_tokens, init method (RANDOM or TEXT), init text and
-                output_model_types (DECODER; for seq2seq ENCODER, DECODER or both).
-            val_stream: records whose loss is logged after every epoch.
-            device: "cpu", "cuda", ...; default: a GPU when there is one.
-            tuning_type: PROMPT_TUNING.
-            num_epochs: passes over the training records. Default 20 (or the preset's).
-            learning_rate: AdamW learning rate, decayed linearly to 0. Default 0.3 (or the preset's).
-            verbalizer: template that turns a record into the model's input, e.g.
-                "Review: {{input}} Sentiment:"; applied at inference too. Default "{{input}}".
-            batch_size: records per micro-batch. Default 8 (or the preset's).
-            max_source_length: longest input in tokens; longer ones lose their start. Default 256.
-            max_target_length: longest output in tokens, EOS included. Default 128.
-            accumulate_steps: micro-batches per optimizer step. Default 1 (or the preset's).
-            torch_dtype: weight dtype (float32, bfloat16, float16). Unset: float32 weights
-                computed under bf16 autocast where the hardware runs bf16 natively (CPUs
-                with AVX512-BF16/AMX, recent GPUs), else float32; bf16/fp16 weights on
-                GPUs. "float32" given explicitly computes in float32 throughout.
-            silence_progress_bars: hide the progress bar. Default True.
-            seed: seeds the prompt initialisation and the data order. Default 42.
-            gradient_checkpointing: recompute activations to save memory. Default False.
-            validation: split_ratio / split_seed (a validation set cut from the training
-                records), eval_steps (default: every epoch), accuracy_examples (greedy
-                exact-match on that many records), early_stopping_patience / _min_delta.
-            optimization: total_train_batch_size / max_per_device_train_batch_size (derive
-                batch and accumulation), lr_scaling (none, sqrt, linear), lr_scheduler
-                (linear, cosine, constant), warmup_steps / warmup_ratio, weight_decay,
-                max_grad_norm.
-            data: chat_loss for chat records: last_assistant (default), assistant, all.
-            checkpoint_steps: save resumable state every N steps into the job's folder.
-            preset: classification, generation or summarization: the defaults it sets for
-                num_epochs, learning_rate, batch_size and accumulate_steps apply where the
-                request leaves them unset (see caikit_tuning/modules/presets.py).
-            neftune_noise_alpha: NEFTune noise on the input embeddings while training
-                (e.g. 5); unset: none.
-            rope_scaling: type (linear, dynamic) and factor (> 1) stretching a rotary
-                model's context; recorded and applied at inference too.
-            determinism: no, half (default: seeded, cuDNN deterministic) or full
-                (deterministic implementations only; an op without one raises).
+            tuning_config: num_virtual_tokens, init method (RANDOM, TEXT or, for multitask
+                prompt tuning, ONLY_SOURCE_SHARED / AVERAGE_SOURCE), init text, source model,
+                output_model_types (DECODER; for seq2seq ENCODER, DECODER or both) and
+                num_ranks (multitask).
+            tuning_type: PROMPT_TUNING or MULTITASK_PROMPT_TUNING (records with a `task`
+                field). Default PROMPT_TUNING.
         Returns:
             the tuned PeftPromptTuning model.
         """
-        plan, settings = _plan(locals())
+        plan, settings = _plan(request, tuning_config, tuning_type)
         records, val_records = read_records(
-            train_stream, val_stream, plan, (cls.MODULE_ID, PEFT_PROMPT_TUNING_ID)
+            request.train_stream,
+            request.val_stream,
+            plan.records((cls.MODULE_ID, PEFT_PROMPT_TUNING_ID)),
         )
         seed_everything(plan.training.seed)
         base = plan.load_base()
@@ -211,7 +146,8 @@ class PeftPromptTuning(ModuleBase):
             source, prompt = None, SoftPrompt(start, settings.placements).to(plan.device)
             params, prefix = list(prompt.parameters()), lambda batch: prompt.prefix()
         base.model.requires_grad_(False)
-        result = fit(base, plan, params, prefix, records, val_records)
+        accuracy = exact_match_accuracy(base, plan, prefix, val_records)
+        result = fit(base, plan, params, prefix, records, val_records, accuracy=accuracy)
         if source is not None:
             prompt = source.export().to(plan.device)
         log.info(
@@ -236,13 +172,12 @@ class PeftPromptTuning(ModuleBase):
     def validate_training(cls, arguments: dict) -> None:
         """Check a train() call's arguments without training: the runtime calls this
         at submission so a bad request fails at once, before a job starts."""
-        values = bind_arguments(cls.train, arguments)
-        plan, settings = _plan(values)
+        request, own = cls.train.request_from(arguments)
+        plan, settings = _plan(request, **own)
         records, _ = read_records(
-            values["train_stream"],
-            values["val_stream"],
-            plan,
-            (cls.MODULE_ID, PEFT_PROMPT_TUNING_ID),
+            request.train_stream,
+            request.val_stream,
+            plan.records((cls.MODULE_ID, PEFT_PROMPT_TUNING_ID)),
         )
         check_tasks(task_names(records), settings)
 
@@ -332,6 +267,12 @@ class PeftPromptTuning(ModuleBase):
             num_ranks=int(config.get("num_ranks") or 1),
         )
         prompt = load_adapter(folder, placements)
+        if prompt.num_virtual_tokens != settings.num_virtual_tokens:
+            raise ValueError(
+                f"the prompt model {folder.name} is inconsistent: config.yml says "
+                f"{settings.num_virtual_tokens} virtual tokens, its adapter holds "
+                f"{prompt.num_virtual_tokens}."
+            )
         rope = dict(dict(config.get("training") or {}).get("rope_scaling") or {}) or None
         base = load_shared(located, dtype, device_, rope)
         _check_width(prompt, base, folder, source)
@@ -415,18 +356,13 @@ def _check_width(prompt: SoftPrompt, base: BaseModel, folder: Path, source) -> N
         )
 
 
-def _plan(arguments: dict) -> tuple[TrainingPlan, PromptTuningSettings]:
-    """Validate a train() call's arguments: the shared plan and the prompt settings."""
-    plan = plan_training(
-        arguments["base_model"],
-        arguments["device"],
-        arguments["verbalizer"],
-        arguments["torch_dtype"],
-        arguments["rope_scaling"],
-        **training_values(arguments, "prompt_tuning"),
-    )
+def _plan(
+    request: TrainRequest, tuning_config, tuning_type
+) -> tuple[TrainingPlan, PromptTuningSettings]:
+    """Check a train() call: the shared plan and the prompt's settings."""
+    plan = plan_training(request, "prompt_tuning")
     settings = PromptTuningSettings.from_request(
-        arguments["tuning_type"], arguments["tuning_config"], plan.is_encoder_decoder
+        tuning_type, tuning_config, plan.is_encoder_decoder
     )
     if settings.init_source_model:
         check_source_prompt(

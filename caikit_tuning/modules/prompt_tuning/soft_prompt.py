@@ -91,12 +91,18 @@ def load_adapter(folder: Path, placements: tuple[PromptOutputModelType, ...]) ->
     config = json.loads((folder / ADAPTER_CONFIG).read_text())
     if config.get("peft_type") != "PROMPT_TUNING":
         raise ValueError(
-            f"{folder / ADAPTER_CONFIG} is not a prompt-tuning adapter: {config.get('peft_type')!r}."
+            f"{folder.name}/{ADAPTER_CONFIG} is not a prompt-tuning adapter: {config.get('peft_type')!r}."
         )
     tensors = load_file(str(folder / ADAPTER_WEIGHTS))
     if _WEIGHTS_KEY not in tensors:
-        raise ValueError(f"{folder / ADAPTER_WEIGHTS} holds no `{_WEIGHTS_KEY}` tensor.")
-    return SoftPrompt(tensors[_WEIGHTS_KEY], placements)
+        raise ValueError(f"{folder.name}/{ADAPTER_WEIGHTS} holds no `{_WEIGHTS_KEY}` tensor.")
+    prompt = SoftPrompt(tensors[_WEIGHTS_KEY], placements)
+    if config.get("num_virtual_tokens") not in (None, prompt.num_virtual_tokens):
+        raise ValueError(
+            f"{folder.name}/{ADAPTER_CONFIG} says {config['num_virtual_tokens']} virtual "
+            f"tokens but its weights hold {prompt.num_virtual_tokens}."
+        )
+    return prompt
 
 
 def export_tgis(folder: Path, prompt: SoftPrompt) -> None:

@@ -5,37 +5,28 @@ from typing import Optional
 
 import alog
 from caikit.core import ModuleBase, module
-from caikit.core.data_model import DataStream, ProducerId
+from caikit.core.data_model import ProducerId
 from caikit.core.modules import ModuleLoader, ModuleSaver
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 
 from ...base_models import BaseModel, BaseModelSource, LocatedModel, load_shared, locate_base_model
-from ...data import Verbalizer
-from ...data_model import (
-    DataConfig,
-    OptimizationConfig,
-    RopeScalingConfig,
-    TrainGenerationRecord,
-    ValidationConfig,
-)
+from ...data import Verbalizer, read_records, trained_on_chat
 from ...generation import TextGenerator, generation_api
 from ...inputs import NO_PREFIX
 from ...storage import atomic_folder, read_jsonl
 from ...training import seed_everything
-from ..caikit_nlp import TEXT_GENERATION_ID, forget_caikit_nlp_config, named_folder
-from ..recipe import (
+from ...training.api import TrainRequest, train_api
+from ...training.fit import (
     TRAINING_LOGS,
     after_save,
-    bind_arguments,
     fit,
     placement,
     plan_training,
-    read_records,
-    trained_on_chat,
     training_summary,
-    training_values,
     write_training_artifacts,
 )
+from ..caikit_nlp import TEXT_GENERATION_ID, forget_caikit_nlp_config, named_folder
+from ..evaluation import exact_match_accuracy
 
 log = alog.use_channel("TEXTGEN")
 
@@ -92,84 +83,24 @@ class TextGeneration(ModuleBase):
         return cls(load_shared(located, dtype, device_))
 
     @classmethod
-    def train(
-        cls,
-        base_model: str,
-        train_stream: DataStream[TrainGenerationRecord],
-        val_stream: Optional[DataStream[TrainGenerationRecord]] = None,
-        device: Optional[str] = None,
-        num_epochs: Optional[int] = None,
-        learning_rate: Optional[float] = None,
-        verbalizer: Optional[str] = "{{input}}",
-        batch_size: Optional[int] = None,
-        max_source_length: Optional[int] = 256,
-        max_target_length: Optional[int] = 128,
-        accumulate_steps: Optional[int] = None,
-        torch_dtype: Optional[str] = None,
-        silence_progress_bars: Optional[bool] = True,
-        seed: Optional[int] = 42,
-        gradient_checkpointing: Optional[bool] = False,
-        validation: Optional[ValidationConfig] = None,
-        optimization: Optional[OptimizationConfig] = None,
-        data: Optional[DataConfig] = None,
-        checkpoint_steps: Optional[int] = None,
-        preset: Optional[str] = None,
-        neftune_noise_alpha: Optional[float] = None,
-        rope_scaling: Optional[RopeScalingConfig] = None,
-        determinism: Optional[str] = None,
-    ) -> "TextGeneration":
+    @train_api("full")
+    def train(cls, request: TrainRequest) -> "TextGeneration":
         """Fine-tune every weight of `base_model` on input/output records.
 
-        Args:
-            base_model: a name under `base_models_dir` or, in-process, a model folder.
-            train_stream: TrainGenerationRecord records (`input`, `output`).
-            val_stream: records whose loss is logged after every epoch.
-            device: "cpu", "cuda", ...; default: a GPU when there is one.
-            num_epochs: passes over the training records. Default 5 (or the preset's).
-            learning_rate: AdamW learning rate, decayed linearly to 0. Default 2e-5 (or the preset's).
-            verbalizer: template that turns a record into the model's input; applied at
-                inference too. Default "{{input}}".
-            batch_size: records per micro-batch. Default 8 (or the preset's).
-            max_source_length: longest input in tokens; longer ones lose their start. Default 256.
-            max_target_length: longest output in tokens, EOS included. Default 128.
-            accumulate_steps: micro-batches per optimizer step. Default 1 (or the preset's).
-            torch_dtype: weight dtype (float32, bfloat16, float16). Unset: float32 weights
-                computed under bf16 autocast where the hardware runs bf16 natively, else
-                float32; bf16/fp16 weights on GPUs. "float32" given explicitly computes in
-                float32 throughout.
-            silence_progress_bars: hide the progress bar. Default True.
-            seed: seeds the data order. Default 42.
-            gradient_checkpointing: recompute activations to save memory. Default False.
-            validation: split_ratio / split_seed (a validation set cut from the training
-                records), eval_steps (default: every epoch), accuracy_examples (greedy
-                exact-match on that many records), early_stopping_patience / _min_delta.
-            optimization: total_train_batch_size / max_per_device_train_batch_size (derive
-                batch and accumulation), lr_scaling (none, sqrt, linear), lr_scheduler
-                (linear, cosine, constant), warmup_steps / warmup_ratio, weight_decay,
-                max_grad_norm.
-            data: chat_loss for chat records: last_assistant (default), assistant, all.
-            checkpoint_steps: save resumable state every N steps into the job's folder.
-            preset: classification, generation or summarization: the defaults it sets for
-                num_epochs, learning_rate, batch_size and accumulate_steps apply where the
-                request leaves them unset (see caikit_tuning/modules/presets.py).
-            neftune_noise_alpha: NEFTune noise on the input embeddings while training
-                (e.g. 5); unset: none.
-            rope_scaling: type (linear, dynamic) and factor (> 1) stretching a rotary
-                model's context; recorded and applied at inference too.
-            determinism: no, half (default: seeded, cuDNN deterministic) or full
-                (deterministic implementations only; an op without one raises).
         Returns:
             the fine-tuned TextGeneration model.
         """
-        plan = _plan(locals())
+        plan = plan_training(request, "full")
         records, val_records = read_records(
-            train_stream, val_stream, plan, (cls.MODULE_ID, TEXT_GENERATION_ID)
+            request.train_stream, request.val_stream, plan.records(_limit_ids(cls))
         )
         seed_everything(plan.training.seed)
         base = plan.load_base()
         base.model.requires_grad_(True)
         params = [p for p in base.model.parameters() if p.requires_grad]
-        result = fit(base, plan, params, lambda batch: NO_PREFIX, records, val_records)
+        prefix = lambda batch: NO_PREFIX  # noqa: E731
+        accuracy = exact_match_accuracy(base, plan, prefix, val_records)
+        result = fit(base, plan, params, prefix, records, val_records, accuracy=accuracy)
         base.model.requires_grad_(False)
         return cls(
             base,
@@ -182,11 +113,9 @@ class TextGeneration(ModuleBase):
     @classmethod
     def validate_training(cls, arguments: dict) -> None:
         """Check a train() call's arguments without training (the runtime's submission check)."""
-        values = bind_arguments(cls.train, arguments)
-        plan = _plan(values)
-        read_records(
-            values["train_stream"], values["val_stream"], plan, (cls.MODULE_ID, TEXT_GENERATION_ID)
-        )
+        request, _ = cls.train.request_from(arguments)
+        plan = plan_training(request, "full")
+        read_records(request.train_stream, request.val_stream, plan.records(_limit_ids(cls)))
 
     def model_input(self, text: str) -> str:
         if not isinstance(text, str):
@@ -279,12 +208,6 @@ class TextGeneration(ModuleBase):
         )
 
 
-def _plan(arguments: dict):
-    return plan_training(
-        arguments["base_model"],
-        arguments["device"],
-        arguments["verbalizer"],
-        arguments["torch_dtype"],
-        arguments["rope_scaling"],
-        **training_values(arguments, "full"),
-    )
+def _limit_ids(cls) -> tuple[str, ...]:
+    """training_data_limit entries apply by this module's id or caikit-nlp's."""
+    return (cls.MODULE_ID, TEXT_GENERATION_ID)

@@ -1,15 +1,17 @@
-"""The steps every tuning module's train() shares: check the request, load, tokenize, fit.
+"""How a tuning method's train() gets from a request to trained weights.
 
-A module's train() reads as: plan (validate everything cheap) -> records -> load the
-base model -> set up what is trained -> `fit` -> build the module. `validate` runs
-the same checks without training, for the runtime to call at submission.
+A module's train() reads as a recipe: `plan_training(request, method)` (every cheap
+check, before weights or data), records (data.read_records with `plan.records()`),
+the base model (`plan.load_base()`), what is trained, then `fit(...)`, and the
+module built from the result (`training_summary`, `write_training_artifacts`).
+Nothing here generates text: a module passes what generation it needs (validation
+accuracy) in as a callback.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import inspect
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -17,7 +19,6 @@ from typing import Any
 
 import alog
 import torch
-from caikit.core.data_model import ProducerId
 
 from ..base_models import (
     BaseModel,
@@ -29,42 +30,23 @@ from ..base_models import (
     rope_scaled,
 )
 from ..config import library_settings
-from ..data import (
-    Batch,
-    Verbalizer,
-    build_examples,
-    check_fields,
-    collator_for,
-    collect_records,
-    is_chat,
-)
-from ..data.files import mix_records
-from ..generation import GenerationSettings, TextGenerator
+from ..data import Batch, RecordPlan, Verbalizer, build_examples, collator_for
+from ..data_model.values import choice, number
 from ..inputs import PromptPrefix
 from ..storage import write_jsonl
-from ..training import (
-    TrainingResult,
-    TrainingSettings,
-    autocast_dtype,
-    resolve_device,
-    resolve_dtype,
-    summed_token_loss,
-    train,
-)
-from ..training.distributed import world
-from ..training.plots import write_loss_curve
-from ..training.precision import FrozenWeightCast
-from ..training.segment_attention import segment_attention
-from ..training.tracking import Tracker, record_model_path
+from .api import TrainRequest
+from .devices import autocast_dtype, resolve_device, resolve_dtype
+from .distributed import world
+from .loop import TrainingResult, train
+from .loss import summed_token_loss
+from .plots import write_loss_curve
+from .precision import FrozenWeightCast
 from .presets import apply_preset
+from .segment_attention import segment_attention
+from .settings import TrainingSettings
+from .tracking import Tracker, record_model_path
 
-log = alog.use_channel("RECIPE")
-
-TRAINING_FIELDS = tuple(f.name for f in dataclasses.fields(TrainingSettings)) + (
-    "validation",
-    "optimization",
-    "data",
-)
+log = alog.use_channel("FIT")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +73,82 @@ class TrainingPlan:
             self.located, self.dtype, self.device, quantization_config, self.rope_scaling
         )
 
+    def records(self, module_ids: tuple[str, ...]) -> RecordPlan:
+        """How this job reads its records; `module_ids` name the module for
+        training_data_limit."""
+        training = self.training
+        base = self.located.source.name or Path(self.located.location).name
+        return RecordPlan(
+            verbalizer=self.verbalizer,
+            is_encoder_decoder=self.is_encoder_decoder,
+            mixture=training.mixture,
+            mixture_mode=training.mixture_mode,
+            mixture_size=training.mixture_size,
+            mixture_seed=training.mixture_seed,
+            split_ratio=training.validation.split_ratio,
+            split_seed=training.validation.split_seed,
+            max_records=library_settings().max_training_records,
+            limit=training_data_limit(module_ids, base),
+            limit_scope=f"this module on base model {self.located.source}",
+        )
+
 
 def placement(device: Any, torch_dtype: Any) -> tuple[torch.device, torch.dtype]:
     """Device and weight dtype for a request, the dtype defaulting to the config's."""
     device_ = resolve_device(device)
     return device_, resolve_dtype(torch_dtype or library_settings().torch_dtype, device_)
+
+
+def plan_training(request: TrainRequest, method: str) -> TrainingPlan:
+    """Check a request's shared parameters and decide how it trains (`method` names
+    the defaults and presets of training/presets.py)."""
+    verbalizer = request.verbalizer
+    template = Verbalizer.parse(verbalizer if verbalizer is not None else "{{input}}")
+    values = apply_preset(method, request.preset, request.training_values())
+    # Under torch.distributed, the global batch is shared by every process.
+    training = TrainingSettings.from_request(
+        validation=request.validation,
+        optimization=request.optimization,
+        data=request.data,
+        num_processes=world().size,
+        **values,
+    )
+    located = locate_base_model(request.base_model)
+    config = load_model_config(located)
+    encoder_decoder = is_encoder_decoder(config)
+    rope = rope_scaling_from(request.rope_scaling)
+    rope_scaled(config, rope)  # refuses models without rotary embeddings, now
+    device_, dtype = placement(request.device, request.torch_dtype)
+    amp = None if request.torch_dtype else autocast_dtype(device_, dtype)
+    notes = []
+    asked_fp16 = str(request.torch_dtype).lower().removeprefix("torch.") in ("float16", "fp16")
+    if asked_fp16 and dtype != torch.float16:
+        notes.append("torch_dtype float16 is not supported on CPU: trained in float32")
+    if training.num_epochs == 0:
+        notes.append("num_epochs 0: no training, the initial weights are kept (as caikit-nlp)")
+    return TrainingPlan(
+        training, template, located, encoder_decoder, device_, dtype, amp, rope, tuple(notes)
+    )
+
+
+def training_data_limit(module_ids: tuple[str, ...], base_name: str) -> int:
+    """caikit-nlp's `training_data_limit` config: the most training records a module
+    (by id) may use on a base model (by folder name); 0 or less is no limit.
+
+        training_data_limit:
+          __default__: -1               # every module, every base model
+          <module id>:
+            __default__: 10000          # this module, any base model
+            SmolLM2-135M-Instruct: 500  # this module on this base model
+    """
+    limits = library_settings().training_data_limit
+    limit = limits.get("__default__", -1)
+    for module_id in module_ids:
+        if isinstance(limits.get(module_id), dict):
+            per_model = dict(limits[module_id])
+            limit = per_model.get(base_name, per_model.get("__default__", limit))
+            break
+    return int(limit or 0)
 
 
 ROPE_TYPES = ("linear", "dynamic")
@@ -109,146 +162,14 @@ def rope_scaling_from(value: Any) -> dict | None:
         value = {"type": getattr(value, "type", None), "factor": getattr(value, "factor", None)}
     if not value.get("type") and not value.get("factor"):
         return None  # an empty wire message
-    kind = str(value.get("type") or "").lower()
-    if kind not in ROPE_TYPES:
+    kind = choice(str(value.get("type") or ""), "rope_scaling.type", ROPE_TYPES)
+    try:
+        factor = number(value.get("factor"), "rope_scaling.factor", 1.0, low_open=True)
+    except ValueError:
         raise ValueError(
-            f"`rope_scaling.type` must be one of {list(ROPE_TYPES)}, got {value.get('type')!r}."
-        )
-    factor = value.get("factor")
-    if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor <= 1:
-        raise ValueError(f"`rope_scaling.factor` must be a number > 1, got {factor!r}.")
-    return {"type": kind, "factor": float(factor)}
-
-
-def plan_training(
-    base_model: Any,
-    device: Any,
-    verbalizer: Any,
-    torch_dtype: Any,
-    rope_scaling: Any = None,
-    **training_values: Any,
-) -> TrainingPlan:
-    template = Verbalizer.parse(verbalizer if verbalizer is not None else "{{input}}")
-    # Under torch.distributed, the global batch is shared by every process.
-    training = TrainingSettings.from_request(num_processes=world().size, **training_values)
-    located = locate_base_model(base_model)
-    config = load_model_config(located)
-    encoder_decoder = is_encoder_decoder(config)
-    rope = rope_scaling_from(rope_scaling)
-    rope_scaled(config, rope)  # refuses models without rotary embeddings, now
-    device_, dtype = placement(device, torch_dtype)
-    amp = None if torch_dtype else autocast_dtype(device_, dtype)
-    notes = []
-    asked_fp16 = str(torch_dtype).lower().removeprefix("torch.") in ("float16", "fp16")
-    if asked_fp16 and dtype != torch.float16:
-        notes.append("torch_dtype float16 is not supported on CPU: trained in float32")
-    if training.num_epochs == 0:
-        notes.append("num_epochs 0: no training, the initial weights are kept (as caikit-nlp)")
-    return TrainingPlan(
-        training, template, located, encoder_decoder, device_, dtype, amp, rope, tuple(notes)
-    )
-
-
-def trained_on_chat(records: list[dict]) -> bool:
-    return bool(records) and is_chat(records[0])
-
-
-def bind_arguments(train_method: Callable, arguments: dict[str, Any]) -> dict[str, Any]:
-    """A train() call's arguments with defaults applied; missing ones are None so the
-    checks name them, unknown ones are an error."""
-    signature = inspect.signature(train_method)
-    unknown = sorted(set(arguments) - set(signature.parameters))
-    if unknown:
-        raise ValueError(
-            f"unknown train parameter(s) {unknown}; valid: {list(signature.parameters)}."
-        )
-    bound = signature.bind_partial(**arguments)
-    bound.apply_defaults()
-    return {name: bound.arguments.get(name) for name in signature.parameters}
-
-
-def training_values(arguments: dict[str, Any], method: str) -> dict[str, Any]:
-    """The TrainingSettings fields among a train() call's arguments, with the knobs it
-    leaves unset taken from its `preset` (or the method's defaults)."""
-    values = {k: v for k, v in arguments.items() if k in TRAINING_FIELDS}
-    return apply_preset(method, arguments.get("preset"), values)
-
-
-def training_data_limit(module_ids: tuple[str, ...], plan: TrainingPlan) -> int:
-    """caikit-nlp's `training_data_limit` config: the most training records a module
-    (by id) may use on a base model (by folder name); 0 or less is no limit.
-
-        training_data_limit:
-          __default__: -1               # every module, every base model
-          <module id>:
-            __default__: 10000          # this module, any base model
-            SmolLM2-135M-Instruct: 500  # this module on this base model
-    """
-    limits = library_settings().training_data_limit
-    limit = limits.get("__default__", -1)
-    name = plan.located.source.name or Path(plan.located.location).name
-    for module_id in module_ids:
-        if isinstance(limits.get(module_id), dict):
-            per_model = dict(limits[module_id])
-            limit = per_model.get(name, per_model.get("__default__", limit))
-            break
-    return int(limit or 0)
-
-
-def read_records(
-    train_stream: Any, val_stream: Any, plan: TrainingPlan, module_ids: tuple[str, ...] = ()
-) -> tuple[list[dict], list[dict]]:
-    """Training and validation records, checked against the plan; without a val_stream,
-    validation.split_ratio of the training records (chosen with split_seed) become the
-    validation set. `module_ids` name the module for `training_data_limit`."""
-    training = plan.training
-    cap = library_settings().max_training_records
-    if training.mixture:
-        if train_stream is not None:
-            raise ValueError("give `train_stream` or `data.mixture`, not both.")
-        try:
-            train_stream = mix_records(
-                training.mixture,
-                training.mixture_mode,
-                training.mixture_size,
-                training.mixture_seed,
-            )
-        except ValueError as err:
-            raise ValueError(f"`data.mixture`: {err}") from err
-    records = collect_records(train_stream, "train_stream", cap)
-    limit = training_data_limit(module_ids, plan)
-    if limit > 0 and len(records) > limit:
-        raise ValueError(
-            f"`train_stream` has {len(records)} records; training_data_limit allows at most "
-            f"{limit} for this module on base model {plan.located.source}. Use fewer records "
-            "or raise the limit in the config."
-        )
-    val_records = collect_records(val_stream, "val_stream", required=False)
-    for name, rows in (("train_stream", records), ("val_stream", val_records)):
-        if rows and is_chat(rows[0]):
-            if plan.is_encoder_decoder:
-                raise ValueError(f"`{name}` holds chat records, which need a causal LM.")
-            if plan.verbalizer.template != "{{input}}":
-                raise ValueError(
-                    f"`{name}` holds chat records, rendered by the chat template: leave "
-                    "`verbalizer` unset."
-                )
-        check_fields(rows, plan.verbalizer.fields, name)
-    ratio = training.validation.split_ratio
-    if ratio and not val_records:
-        count = int(len(records) * ratio)
-        if count < 1 or count >= len(records):
-            raise ValueError(
-                f"`validation.split_ratio` {ratio} of {len(records)} records leaves no "
-                "validation or no training records; use more records or another ratio."
-            )
-        order = torch.randperm(
-            len(records), generator=torch.Generator().manual_seed(training.validation.split_seed)
-        )
-        held_out = set(order[:count].tolist())
-        val_records = [r for i, r in enumerate(records) if i in held_out]
-        records = [r for i, r in enumerate(records) if i not in held_out]
-    return records, val_records
+            f"`rope_scaling.factor` must be a number > 1, got {value.get('factor')!r}."
+        ) from None
+    return {"type": kind, "factor": factor}
 
 
 def fit(
@@ -261,10 +182,12 @@ def fit(
     after_step: Callable[[int], None] | None = None,
     penalty: Callable[[], torch.Tensor] | None = None,
     cast_frozen_weights: bool = True,
+    accuracy: Callable[[], float] | None = None,
 ) -> TrainingResult:
     """Tokenize the records once and train `params` through the shared loop.
 
     `prefix(batch)` gives the soft prompts for a batch (None: for generation).
+    `accuracy()`, when given, scores the model on validation records (by generating).
     `after_step(step)` runs after every optimizer step, before gradients are cleared;
     `penalty()` is a regularization term added to every step's mean token loss.
     Under autocast, frozen float32 matmul weights are cast once for the run
@@ -314,7 +237,6 @@ def fit(
         return loss
 
     cast = FrozenWeightCast(model, plan.amp_dtype if cast_frozen_weights else None)
-    accuracy = _accuracy(base, plan, prefix, val_records)
 
     def accuracy_fn() -> float:
         with cast.originals():  # greedy generation runs outside autocast, in float32
@@ -354,34 +276,6 @@ def fit(
     finally:
         if training.gradient_checkpointing:
             disable()
-
-
-def _accuracy(
-    base: BaseModel,
-    plan: TrainingPlan,
-    prefix: Callable[[Batch | None], PromptPrefix],
-    records: list[dict],
-) -> Callable[[], float] | None:
-    """Greedy exact-match accuracy on up to validation.accuracy_examples records."""
-    count = plan.training.validation.accuracy_examples
-    if not count or not records:
-        return None
-    sample = records[:count]
-    settings = GenerationSettings(max_new_tokens=plan.training.max_target_length)
-
-    def accuracy() -> float:
-        base.model.eval()
-        generator = TextGenerator(
-            base.model, base.tokenizer, ProducerId("validation", "0"), prefix(None)
-        )
-        hits = sum(
-            generator.generate(plan.verbalizer.render(r), settings).generated_text.strip()
-            == r["output"].strip()
-            for r in sample
-        )
-        return hits / len(sample)
-
-    return accuracy
 
 
 def training_summary(
