@@ -1,16 +1,15 @@
-"""One training job: its validated request on disk, its worker process and its status."""
+"""What every training backend (the worker pool, Ray) shares about a job: its request,
+validated at submission and written to the job's folder, and its status, one state
+machine: QUEUED -> RUNNING -> COMPLETED | ERRORED | CANCELED."""
 
 from __future__ import annotations
 
 import datetime
-import json
 import os
 import pickle
-import signal
-import subprocess
 import threading
-from collections.abc import Iterable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -22,13 +21,14 @@ from caikit.core.exceptions.caikit_core_exception import (
     CaikitCoreStatusCode,
 )
 from caikit.core.model_management.job_base import JobInfo
-from caikit.core.model_management.model_trainer_base import ModelTrainerFutureBase
 
 from ..storage.paths import resolve_under
 from .names import check_model_name, check_no_overlap
-from .settings import runtime_folders
 
 log = alog.use_channel("JOBS")
+
+# caikit merges its LOCAL trainer's defaults into every trainer's config block.
+CAIKIT_LOCAL_DEFAULTS = {"retention_duration", "use_subprocess", "subprocess_start_method"}
 
 REQUEST_FILE = "request.pkl"
 STATE_FILE = "state.json"
@@ -153,234 +153,89 @@ def job_info(status, reason, progress, submitted, completed) -> JobInfo:
     )
 
 
-class Job(ModelTrainerFutureBase):
-    """A queued or running training job, watched from the server."""
+class JobState:
+    """A job's status, reason (why it ended) or progress note, and times, changed under
+    one lock. `on_change` is told of every change (the worker pool persists it)."""
 
     def __init__(
         self,
-        trainer_name: str,
-        training_id: str,
-        folder: Path,
-        save_path: str,
-        model_name: str,
-        on_finish,
-        cancel_grace: float,
-        python: str,
-        max_retries: int = 0,
         submitted: datetime.datetime | None = None,
+        on_change: Callable[[JobState], None] | None = None,
     ):
-        super().__init__(future_name=trainer_name, future_id=training_id)
-        self.training_id = training_id
-        self.model_name = model_name
-        self._max_retries = max_retries
-        self._attempt = 0
-        self._save_path = save_path
-        self._folder = folder
-        self._on_finish = on_finish
-        self._cancel_grace = cancel_grace
-        self._python = python
-        self._status = TrainingStatus.QUEUED
-        self._reason: str | None = None
-        self._progress: str | None = None
-        self._submitted = submitted or datetime.datetime.now()
-        self._completed: datetime.datetime | None = None
-        self._process: subprocess.Popen | None = None
-        self._slot = None
+        self.status = TrainingStatus.QUEUED
+        self.reason: str | None = None
+        self.progress: str | None = None
+        self.submitted = submitted or datetime.datetime.now()
+        self.completed: datetime.datetime | None = None
+        # Held by a backend to start or stop work atomically with a change of state.
+        self.lock = threading.Lock()
         self._done = threading.Event()
-        self._lock = threading.Lock()
+        self._on_change = on_change or (lambda state: None)
 
-    @classmethod
-    def submitted(cls, trainer_name: str, training_id: str, request: JobRequest, **options) -> Job:
-        """A new job: its request written to its folder, its state recorded as QUEUED."""
-        folder = request.write(training_id)
-        job = cls(
-            trainer_name,
-            training_id,
-            folder,
-            str(request.save_path(training_id)),
-            request.model_name,
-            **options,
-        )
-        job._persist()
-        return job
+    def set_locked(self, status: TrainingStatus, progress: str | None = None) -> None:
+        """A non-final status (QUEUED again, or RUNNING); the lock is held."""
+        self.status = status
+        if progress is not None:
+            self.progress = progress
+        self._on_change(self)
 
-    @classmethod
-    def restore(cls, trainer_name: str, folder: Path, **options) -> Job | None:
-        """A job recorded by an earlier server process (None if its record is unreadable)."""
-        try:
-            state = json.loads((folder / STATE_FILE).read_text())
-            job = cls(
-                trainer_name,
-                state["training_id"],
-                folder,
-                state["save_path"],
-                state["model_name"],
-                submitted=datetime.datetime.fromisoformat(state["submitted"]),
-                **options,
-            )
-            job._status = TrainingStatus[state["status"]]
-            job._reason = state.get("reason")
-            if state.get("completed"):
-                job._completed = datetime.datetime.fromisoformat(state["completed"])
-        except (OSError, ValueError, KeyError) as err:
-            log.warning("ignoring the unreadable job record in %s: %s", folder, err)
-            return None
-        if job._status.is_terminal:
-            job._done.set()
-        return job
-
-    def _persist(self) -> None:
-        """Record the job's state on disk (atomically), so a restarted server knows it."""
-        state = {
-            "training_id": self.training_id,
-            "model_name": self.model_name,
-            "save_path": self._save_path,
-            "status": self._status.name,
-            "reason": self._reason,
-            "submitted": self._submitted.isoformat(),
-            "completed": self._completed.isoformat() if self._completed else None,
-        }
-        temporary = self._folder / f".{STATE_FILE}.tmp"
-        temporary.write_text(json.dumps(state))
-        os.replace(temporary, self._folder / STATE_FILE)
-
-    @property
-    def save_path(self) -> str:
-        return self._save_path
-
-    @property
-    def submission_time(self) -> datetime.datetime:
-        return self._submitted
-
-    def requeue(self, note: str) -> None:
-        """Back to QUEUED (a restored job whose worker died with the old server)."""
-        with self._lock:
-            self._status = TrainingStatus.QUEUED
-            self._progress = note
-            self._persist()
-
-    @property
-    def pid(self) -> int | None:
-        return self._process.pid if self._process else None
-
-    # ------------------------------------------------------------- lifecycle
-
-    def start(self, slot) -> None:
-        """Start the job's worker process on `slot`."""
-        self._launch(slot)
-
-    def _launch(self, slot) -> None:
-        read_end, write_end = os.pipe()
-        env = {**os.environ, **slot.environment(), "CAIKIT_TUNING_PROGRESS_FD": str(write_end)}
-        config_files = runtime_folders().config_files
-        if config_files:
-            env["CONFIG_FILES"] = str(config_files)
-        with self._lock:
-            if self._status not in (TrainingStatus.QUEUED, TrainingStatus.RUNNING):  # cancelled
-                os.close(read_end)
-                os.close(write_end)
-                self._finish_locked(self._status, self._reason)
-                self._on_finish(slot)
-                return
-            with open(self._folder / LOG_FILE, "ab") as worker_log:
-                self._process = subprocess.Popen(
-                    [self._python, "-m", "caikit_tuning.runtime.worker", str(self._folder)],
-                    env=env,
-                    stdout=worker_log,
-                    stderr=subprocess.STDOUT,
-                    pass_fds=(write_end,),
-                    start_new_session=True,
-                )
-            self._slot = slot
-            self._attempt += 1
-            self._status = TrainingStatus.RUNNING
-            self._persist()
-        os.close(write_end)
-        log.info("training %s running as pid %d on %s", self.id, self._process.pid, slot)
-        threading.Thread(target=self._watch, args=(read_end,), daemon=True).start()
-
-    def _watch(self, read_end: int) -> None:
-        """Follow the worker's messages until it exits, then settle the status (or
-        restart a worker that died, when retries are configured)."""
-        result: dict | None = None
-        with os.fdopen(read_end, "r", encoding="utf-8") as messages:
-            for line in messages:
-                try:
-                    message = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if message.get("event") == "progress":
-                    self._progress = describe_progress(message)
-                elif message.get("event") in ("done", "error"):
-                    result = message
-        code = self._process.wait()
-        retry = False
-        with self._lock:
-            if self._status == TrainingStatus.CANCELED:
-                self._finish_locked(TrainingStatus.CANCELED, self._reason)
-            elif result and result["event"] == "done" and code == 0:
-                forget_served_model(self.model_name)
-                self._finish_locked(TrainingStatus.COMPLETED, None)
-            elif result and result["event"] == "error":
-                self._finish_locked(TrainingStatus.ERRORED, result["message"])
-            else:
-                how = f"signal {-code}" if code < 0 else f"exit code {code}"
-                retry = self._attempt <= self._max_retries
-                if retry:
-                    # The new worker resumes from the job's last checkpoint, if it saved one.
-                    self._progress = f"restarting after the worker process died ({how})"
-                    log.warning("training %s: worker died (%s), restarting", self.id, how)
-                else:
-                    self._finish_locked(
-                        TrainingStatus.ERRORED,
-                        f"the worker process died ({how}) before finishing; see "
-                        f"{self._folder / LOG_FILE} on the server",
-                    )
-        if retry:
-            self._launch(self._slot)
-        else:
-            self._on_finish(self._slot)
-
-    def fail(self, reason: str) -> None:
-        with self._lock:
-            self._finish_locked(TrainingStatus.ERRORED, reason)
-
-    def _finish_locked(self, status: TrainingStatus, reason: str | None) -> None:
-        self._status = status
-        self._reason = reason
-        self._completed = self._completed or datetime.datetime.now()
-        self._persist()
+    def finish_locked(self, status: TrainingStatus, reason: str | None) -> None:
+        self.status, self.reason = status, reason
+        self.completed = self.completed or datetime.datetime.now()
+        self._on_change(self)
         self._done.set()
 
-    # ------------------------------------------------------------- interface
+    def finish(self, status: TrainingStatus, reason: str | None) -> None:
+        with self.lock:
+            self.finish_locked(status, reason)
 
-    def get_info(self) -> JobInfo:
-        return job_info(
-            self._status, self._reason, self._progress, self._submitted, self._completed
-        )
+    def settle_locked(self, status: TrainingStatus, reason: str | None) -> None:
+        """The work ended with `status`, unless the job was cancelled meanwhile."""
+        if self.status == TrainingStatus.CANCELED:
+            status, reason = TrainingStatus.CANCELED, self.reason
+        self.finish_locked(status, reason)
 
-    def cancel(self) -> None:
-        with self._lock:
-            if self._status.is_terminal:
-                return
-            queued = self._status == TrainingStatus.QUEUED
-            self._status = TrainingStatus.CANCELED
-            self._reason = "cancelled by request"
-            if queued:
-                self._finish_locked(TrainingStatus.CANCELED, self._reason)
-                return
-            process = self._process
-        _terminate(process, self._cancel_grace)
-        self._done.wait(self._cancel_grace + 5)
+    def begin_cancel(self) -> TrainingStatus | None:
+        """Mark the job CANCELED; returns the status it had (None if it had ended).
+        A queued job ends at once; a running one ends when its backend stops it."""
+        with self.lock:
+            if self.status.is_terminal:
+                return None
+            previous = self.status
+            self.status, self.reason = TrainingStatus.CANCELED, "cancelled by request"
+            if previous == TrainingStatus.QUEUED:
+                self.finish_locked(TrainingStatus.CANCELED, self.reason)
+            return previous
 
-    def wait(self) -> None:
-        self._done.wait()
+    def restored(self, status: TrainingStatus, reason: str | None, completed) -> None:
+        """The state an earlier server process recorded."""
+        self.status, self.reason, self.completed = status, reason, completed
+        if status.is_terminal:
+            self._done.set()
 
-    def load(self):
+    def wait(self, timeout: float | None = None) -> bool:
+        return self._done.wait(timeout)
+
+    def info(self) -> JobInfo:
+        return job_info(self.status, self.reason, self.progress, self.submitted, self.completed)
+
+    def load(self, training_id: str, save_path: str):
+        """The trained model, once the job has COMPLETED."""
         self.wait()
-        if self._status != TrainingStatus.COMPLETED:
-            raise TrainingFailed(self._reason or f"training {self.id} ended {self._status.name}")
-        return caikit.load(self._save_path)
+        if self.status != TrainingStatus.COMPLETED:
+            raise TrainingFailed(self.reason or f"training {training_id} ended {self.status.name}")
+        return caikit.load(save_path)
+
+
+def trainer_settings(cls: type, config: Mapping, trainer: str):
+    """A trainer's `config` block as its settings dataclass `cls`: unknown keys are an
+    error naming the valid ones (caikit's own LOCAL-trainer defaults are ignored)."""
+    valid = [f.name for f in fields(cls)]
+    unknown = sorted(set(config or {}) - set(valid) - CAIKIT_LOCAL_DEFAULTS)
+    if unknown:
+        raise ValueError(f"unknown {trainer} trainer setting(s) {unknown}; valid: {valid}.")
+    values = {k: dict(v) if isinstance(v, Mapping) else v for k, v in (config or {}).items()}
+    return cls(**{k: v for k, v in values.items() if k in valid})
 
 
 def forget_served_model(model_id: str) -> None:
@@ -391,17 +246,6 @@ def forget_served_model(model_id: str) -> None:
     manager = ModelManager.get_instance()
     if model_id in manager.loaded_models:
         manager.unload_model(model_id)
-
-
-def _terminate(process: subprocess.Popen, grace: float) -> None:
-    """SIGTERM the worker's process group, then SIGKILL it after `grace` seconds."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=grace)
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def describe_progress(message: dict) -> str:

@@ -22,7 +22,6 @@ paths on every node (shared storage). Ray is optional: it is imported on first u
 from __future__ import annotations
 
 import contextlib
-import datetime
 import importlib.util
 import ipaddress
 import json
@@ -33,11 +32,10 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import alog
-import caikit
 from caikit.core.data_model import TrainingStatus
 from caikit.core.exceptions.caikit_core_exception import (
     CaikitCoreException,
@@ -57,8 +55,6 @@ PROGRESS_FILE = "progress.json"
 ERROR_FILE = "error.txt"
 POLL_SECONDS = 0.5
 CANCEL_WAIT_SECONDS = 10
-# caikit merges its LOCAL trainer's defaults into every trainer's config block.
-CAIKIT_LOCAL_DEFAULTS = {"retention_duration", "use_subprocess", "subprocess_start_method"}
 
 # -------------------------------------------------------------- connecting
 
@@ -86,12 +82,7 @@ class RaySettings:
 
     @classmethod
     def from_config(cls, config: Mapping) -> RaySettings:
-        valid = [f.name for f in fields(cls)]
-        unknown = sorted(set(config) - set(valid) - CAIKIT_LOCAL_DEFAULTS)
-        if unknown:
-            raise ValueError(f"unknown RAY trainer setting(s) {unknown}; valid: {valid}.")
-        values = {k: dict(v) if isinstance(v, Mapping) else v for k, v in config.items()}
-        return cls(**{k: v for k, v in values.items() if k in valid})
+        return jobs.trainer_settings(cls, config, "RAY")
 
     @property
     def host_port(self) -> tuple[str, int] | None:
@@ -220,17 +211,11 @@ class RayJob(ModelTrainerFutureBase):
     def __init__(self, trainer_name: str, training_id: str, request: jobs.JobRequest):
         super().__init__(future_name=trainer_name, future_id=training_id)
         self.request = request
-        self._save_path = str(request.save_path(training_id))
         self.training_id = training_id
+        self.state = jobs.JobState()
+        self._save_path = str(request.save_path(training_id))
         self._folder = request.job_folder(training_id)
-        self._status = TrainingStatus.QUEUED
-        self._reason: str | None = None
-        self._progress: str | None = None
-        self._submitted = datetime.datetime.now()
-        self._completed: datetime.datetime | None = None
         self._ray = self._ref = None
-        self._done = threading.Event()
-        self._lock = threading.Lock()
 
     @property
     def save_path(self) -> str:
@@ -256,59 +241,46 @@ class RayJob(ModelTrainerFutureBase):
         except Exception as err:  # noqa: BLE001  (cancelled, or the task itself died)
             cause = getattr(err, "cause", None) or err
             result = {"message": f"the Ray job failed: {type(cause).__name__}: {cause}"}
-        with self._lock:
-            if self._status == TrainingStatus.CANCELED:
-                self._finish_locked(TrainingStatus.CANCELED, self._reason)
-            elif result.get("event") == "done":
+        with self.state.lock:
+            if result.get("event") == "done" and self.state.status != TrainingStatus.CANCELED:
                 jobs.forget_served_model(self.request.model_name)
-                self._finish_locked(TrainingStatus.COMPLETED, None)
+                self.state.finish_locked(TrainingStatus.COMPLETED, None)
             else:
-                self._finish_locked(TrainingStatus.ERRORED, result.get("message"))
+                self.state.settle_locked(TrainingStatus.ERRORED, result.get("message"))
 
     def _read_progress(self) -> None:
         try:
             entry = json.loads((self._folder / PROGRESS_FILE).read_text())
         except (OSError, ValueError):
             return
-        with self._lock:
-            if self._status == TrainingStatus.QUEUED:
-                self._status = TrainingStatus.RUNNING
+        with self.state.lock:
+            if self.state.status == TrainingStatus.QUEUED:
+                self.state.set_locked(TrainingStatus.RUNNING)
         if entry.get("event") == "progress":
-            self._progress = jobs.describe_progress(entry)
+            self.state.progress = jobs.describe_progress(entry)
         elif entry.get("event") == "restarted":
-            self._progress = "restarted after a Ray Train worker failed; resuming from checkpoints"
+            self.state.progress = (
+                "restarted after a Ray Train worker failed; resuming from checkpoints"
+            )
 
     def finish(self, status: TrainingStatus, reason: str | None) -> None:
-        with self._lock:
-            self._finish_locked(status, reason)
-
-    def _finish_locked(self, status: TrainingStatus, reason: str | None) -> None:
-        self._status, self._reason = status, reason
-        self._completed = self._completed or datetime.datetime.now()
-        self._done.set()
+        self.state.finish(status, reason)
 
     def get_info(self) -> JobInfo:
-        times = (self._submitted, self._completed)
-        return jobs.job_info(self._status, self._reason, self._progress, *times)
+        return self.state.info()
 
     def cancel(self) -> None:
-        with self._lock:
-            if self._status.is_terminal:
-                return
-            self._status, self._reason = TrainingStatus.CANCELED, "cancelled by request"
+        if self.state.begin_cancel() is None:
+            return
         # Killing the task kills the Train controller it owns, and the controller's workers.
         self._ray.cancel(self._ref, force=True, recursive=True)
-        self._done.wait(CANCEL_WAIT_SECONDS)
+        self.state.wait(CANCEL_WAIT_SECONDS)
 
     def wait(self) -> None:
-        self._done.wait()
+        self.state.wait()
 
     def load(self):
-        self.wait()
-        if self._status != TrainingStatus.COMPLETED:
-            ended = f"training {self.id} ended {self._status.name}"
-            raise jobs.TrainingFailed(self._reason or ended)
-        return caikit.load(self._save_path)
+        return self.state.load(self.id, self._save_path)
 
 
 # ------------------------------------------------------- inside the cluster

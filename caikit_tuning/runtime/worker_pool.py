@@ -20,7 +20,10 @@ terminates its process.
 
 from __future__ import annotations
 
+import datetime
+import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -32,13 +35,29 @@ from typing import Any
 
 import aconfig
 import alog
+from caikit.core.data_model import TrainingStatus
 from caikit.core.exceptions.caikit_core_exception import (
     CaikitCoreException,
     CaikitCoreStatusCode,
 )
-from caikit.core.model_management.model_trainer_base import ModelTrainerBase
+from caikit.core.model_management.job_base import JobInfo
+from caikit.core.model_management.model_trainer_base import (
+    ModelTrainerBase,
+    ModelTrainerFutureBase,
+)
 
-from .jobs import JOBS_FOLDER, Job, build_request
+from ..data_model.values import integer, number
+from .jobs import (
+    JOBS_FOLDER,
+    LOG_FILE,
+    STATE_FILE,
+    JobRequest,
+    JobState,
+    build_request,
+    describe_progress,
+    forget_served_model,
+    trainer_settings,
+)
 from .settings import runtime_folders
 
 log = alog.use_channel("WORKERS")
@@ -59,6 +78,25 @@ class Slot:
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         return env
+
+
+@dataclass(frozen=True)
+class WorkerPoolSettings:
+    """The trainer's `config` block."""
+
+    gpus: Any = "auto"  # "auto", a list of GPU indices, or [] (CPU slots)
+    cpu_slots: int = 1
+    cancel_grace_seconds: float = 3.0
+    max_retries: int = 0
+
+    def __post_init__(self):
+        if self.gpus != "auto" and not (
+            isinstance(self.gpus, (list, tuple)) and all(isinstance(g, int) for g in self.gpus)
+        ):
+            raise ValueError(f'`gpus` must be "auto" or a list of GPU indices, got {self.gpus!r}.')
+        integer(self.cpu_slots, "cpu_slots", 1)
+        number(self.cancel_grace_seconds, "cancel_grace_seconds", 0.0, low_open=True)
+        integer(self.max_retries, "max_retries", 0)
 
 
 def plan_slots(gpus: Any, cpu_slots: int, gpu_count: int, cpu_count: int) -> list[Slot]:
@@ -93,14 +131,12 @@ class WorkerPoolTrainer(ModelTrainerBase):
 
     def __init__(self, config: aconfig.Config, instance_name: str):
         self._instance_name = instance_name
+        settings = trainer_settings(WorkerPoolSettings, config, self.name)
         self._slots = plan_slots(
-            config.get("gpus", "auto"),
-            int(config.get("cpu_slots", 1)),
-            _gpu_count(),
-            os.cpu_count() or 1,
+            settings.gpus, settings.cpu_slots, _gpu_count(), os.cpu_count() or 1
         )
-        self._cancel_grace = float(config.get("cancel_grace_seconds", 3))
-        self._max_retries = int(config.get("max_retries", 0))
+        self._cancel_grace = settings.cancel_grace_seconds
+        self._max_retries = settings.max_retries
         self._free = list(self._slots)
         self._queue: deque[Job] = deque()
         self._jobs: dict[str, Job] = {}
@@ -202,3 +238,215 @@ class WorkerPoolTrainer(ModelTrainerBase):
             self._free.append(slot)
             self._free.sort(key=lambda s: (s.kind, s.index))
             self._lock.notify_all()
+
+
+# ------------------------------------------------------------------ one job
+
+
+class Job(ModelTrainerFutureBase):
+    """A queued or running training job of the pool, run by its own worker process
+    (caikit_tuning.runtime.worker) and watched from the server. Its state is kept in
+    its folder, so a restarted server knows it."""
+
+    def __init__(
+        self,
+        trainer_name: str,
+        training_id: str,
+        folder: Path,
+        save_path: str,
+        model_name: str,
+        on_finish,
+        cancel_grace: float,
+        python: str,
+        max_retries: int = 0,
+        submitted: datetime.datetime | None = None,
+    ):
+        super().__init__(future_name=trainer_name, future_id=training_id)
+        self.training_id = training_id
+        self.model_name = model_name
+        self.state = JobState(submitted, on_change=self._persist)
+        self._max_retries = max_retries
+        self._attempt = 0
+        self._save_path = save_path
+        self._folder = folder
+        self._on_finish = on_finish
+        self._cancel_grace = cancel_grace
+        self._python = python
+        self._process: subprocess.Popen | None = None
+        self._slot = None
+
+    @classmethod
+    def submitted(cls, trainer_name: str, training_id: str, request: JobRequest, **options) -> Job:
+        """A new job: its request written to its folder, its state recorded as QUEUED."""
+        folder = request.write(training_id)
+        job = cls(
+            trainer_name,
+            training_id,
+            folder,
+            str(request.save_path(training_id)),
+            request.model_name,
+            **options,
+        )
+        job._persist(job.state)
+        return job
+
+    @classmethod
+    def restore(cls, trainer_name: str, folder: Path, **options) -> Job | None:
+        """A job recorded by an earlier server process (None if its record is unreadable)."""
+        try:
+            record = json.loads((folder / STATE_FILE).read_text())
+            job = cls(
+                trainer_name,
+                record["training_id"],
+                folder,
+                record["save_path"],
+                record["model_name"],
+                submitted=datetime.datetime.fromisoformat(record["submitted"]),
+                **options,
+            )
+            completed = record.get("completed")
+            job.state.restored(
+                TrainingStatus[record["status"]],
+                record.get("reason"),
+                datetime.datetime.fromisoformat(completed) if completed else None,
+            )
+        except (OSError, ValueError, KeyError) as err:
+            log.warning("ignoring the unreadable job record in %s: %s", folder, err)
+            return None
+        return job
+
+    def _persist(self, state: JobState) -> None:
+        """Record the job's state on disk (atomically)."""
+        record = {
+            "training_id": self.training_id,
+            "model_name": self.model_name,
+            "save_path": self._save_path,
+            "status": state.status.name,
+            "reason": state.reason,
+            "submitted": state.submitted.isoformat(),
+            "completed": state.completed.isoformat() if state.completed else None,
+        }
+        temporary = self._folder / f".{STATE_FILE}.tmp"
+        temporary.write_text(json.dumps(record))
+        os.replace(temporary, self._folder / STATE_FILE)
+
+    @property
+    def save_path(self) -> str:
+        return self._save_path
+
+    @property
+    def submission_time(self) -> datetime.datetime:
+        return self.state.submitted
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    def requeue(self, note: str) -> None:
+        """Back to QUEUED (a restored job whose worker died with the old server)."""
+        with self.state.lock:
+            self.state.set_locked(TrainingStatus.QUEUED, progress=note)
+
+    # ------------------------------------------------------------- lifecycle
+
+    def start(self, slot: Slot) -> None:
+        """Start the job's worker process on `slot`."""
+        read_end, write_end = os.pipe()
+        env = {**os.environ, **slot.environment(), "CAIKIT_TUNING_PROGRESS_FD": str(write_end)}
+        config_files = runtime_folders().config_files
+        if config_files:
+            env["CONFIG_FILES"] = str(config_files)
+        with self.state.lock:
+            if self.state.status not in (TrainingStatus.QUEUED, TrainingStatus.RUNNING):
+                os.close(read_end)  # cancelled meanwhile
+                os.close(write_end)
+                self.state.settle_locked(self.state.status, self.state.reason)
+                self._on_finish(slot)
+                return
+            with open(self._folder / LOG_FILE, "ab") as worker_log:
+                self._process = subprocess.Popen(
+                    [self._python, "-m", "caikit_tuning.runtime.worker", str(self._folder)],
+                    env=env,
+                    stdout=worker_log,
+                    stderr=subprocess.STDOUT,
+                    pass_fds=(write_end,),
+                    start_new_session=True,
+                )
+            self._slot = slot
+            self._attempt += 1
+            self.state.set_locked(TrainingStatus.RUNNING)
+        os.close(write_end)
+        log.info("training %s running as pid %d on %s", self.id, self._process.pid, slot)
+        threading.Thread(target=self._watch, args=(read_end,), daemon=True).start()
+
+    def _watch(self, read_end: int) -> None:
+        """Follow the worker's messages until it exits, then settle the status (or
+        restart a worker that died, when retries are configured)."""
+        result: dict | None = None
+        with os.fdopen(read_end, "r", encoding="utf-8") as messages:
+            for line in messages:
+                try:
+                    message = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if message.get("event") == "progress":
+                    self.state.progress = describe_progress(message)
+                elif message.get("event") in ("done", "error"):
+                    result = message
+        code = self._process.wait()
+        retry = False
+        with self.state.lock:
+            if self.state.status == TrainingStatus.CANCELED:
+                self.state.settle_locked(TrainingStatus.CANCELED, None)
+            elif result and result["event"] == "done" and code == 0:
+                forget_served_model(self.model_name)
+                self.state.finish_locked(TrainingStatus.COMPLETED, None)
+            elif result and result["event"] == "error":
+                self.state.finish_locked(TrainingStatus.ERRORED, result["message"])
+            else:
+                how = f"signal {-code}" if code < 0 else f"exit code {code}"
+                retry = self._attempt <= self._max_retries
+                if retry:
+                    # The new worker resumes from the job's last checkpoint, if it saved one.
+                    self.state.progress = f"restarting after the worker process died ({how})"
+                    log.warning("training %s: worker died (%s), restarting", self.id, how)
+                else:
+                    self.state.finish_locked(
+                        TrainingStatus.ERRORED,
+                        f"the worker process died ({how}) before finishing; see "
+                        f"{self._folder / LOG_FILE} on the server",
+                    )
+        if retry:
+            self.start(self._slot)
+        else:
+            self._on_finish(self._slot)
+
+    def fail(self, reason: str) -> None:
+        self.state.finish(TrainingStatus.ERRORED, reason)
+
+    # ------------------------------------------------------------- interface
+
+    def get_info(self) -> JobInfo:
+        return self.state.info()
+
+    def cancel(self) -> None:
+        if self.state.begin_cancel() == TrainingStatus.RUNNING:
+            _terminate(self._process, self._cancel_grace)
+            self.state.wait(self._cancel_grace + 5)
+
+    def wait(self) -> None:
+        self.state.wait()
+
+    def load(self):
+        return self.state.load(self.id, self._save_path)
+
+
+def _terminate(process: subprocess.Popen, grace: float) -> None:
+    """SIGTERM the worker's process group, then SIGKILL it after `grace` seconds."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=grace)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
