@@ -7,6 +7,7 @@ below `@module`). The class provides `self.generator` (a TextGenerator) and
 `self.model_input(text)` (the text the model sees, e.g. a rendered verbalizer).
 """
 
+import inspect
 import types
 from collections.abc import Iterable
 from typing import List, Optional
@@ -23,6 +24,9 @@ from ..config import library_settings
 from ..data_model import ExponentialDecayLengthPenalty
 from .labels import LabelRule
 from .settings import GenerationSettings
+
+_LABELS = ("labels", "label_match", "label_fallback")
+_NOT_GENERATION = ("self", "text", "rule", *_LABELS)
 
 
 def run(
@@ -90,33 +94,25 @@ def run(
     return result
 
 
-def run_stream_out(
-    self,
-    text: str = "",
-    max_new_tokens: Optional[int] = 20,
-    min_new_tokens: Optional[int] = 0,
-    truncate_input_tokens: Optional[int] = 0,
-    decoding_method: Optional[str] = "GREEDY",
-    top_k: Optional[int] = None,
-    top_p: Optional[float] = None,
-    typical_p: Optional[float] = None,
-    temperature: Optional[float] = None,
-    seed: Optional[int] = None,
-    repetition_penalty: Optional[float] = None,
-    max_time: Optional[float] = None,
-    exponential_decay_length_penalty: Optional[ExponentialDecayLengthPenalty] = None,
-    stop_sequences: Optional[List[str]] = None,
-    preserve_input_text: Optional[bool] = False,
-    num_beams: Optional[int] = 1,
-    include_logprobs: Optional[bool] = False,
-    include_ranks: Optional[bool] = False,
-    include_input_tokens: Optional[bool] = False,
-    apply_chat_template: Optional[bool] = False,
-) -> Iterable[GeneratedTextStreamResult]:
+def run_stream_out(self, text: str = "", **parameters) -> Iterable[GeneratedTextStreamResult]:
     """Like `run`, but yields one message per generated token as it is produced (beam
-    search, which only knows its answer at the end, yields it as one message)."""
-    settings = _settings(text, _generation_args(locals()))
+    search, which only knows its answer at the end, yields it as one message). Takes
+    `run`'s parameters but the label ones (its signature is `run`'s, see below)."""
+    values = _STREAM_SIGNATURE.bind(self, text, **parameters).arguments
+    settings = _settings(text, _generation_args(values))
     return self.generator.generate_stream(self.model_input(text), settings)
+
+
+# run_stream_out's signature: run's, without the labels (a stream is not classified).
+_STREAM_SIGNATURE = inspect.signature(run).replace(
+    parameters=[p for name, p in inspect.signature(run).parameters.items() if name not in _LABELS],
+    return_annotation=Iterable[GeneratedTextStreamResult],
+)
+run_stream_out.__signature__ = _STREAM_SIGNATURE
+run_stream_out.__annotations__ = {
+    **{p.name: p.annotation for p in _STREAM_SIGNATURE.parameters.values() if p.name != "self"},
+    "return": Iterable[GeneratedTextStreamResult],
+}
 
 
 def run_tokenizer(self, text: str) -> TokenizationResults:
@@ -135,9 +131,6 @@ def run_tokenizer(self, text: str) -> TokenizationResults:
         for start, end in encoding["offset_mapping"]
     ]
     return TokenizationResults(results=tokens, token_count=len(tokens))
-
-
-_NOT_GENERATION = ("self", "text", "labels", "label_match", "label_fallback", "rule")
 
 
 def _generation_args(call_locals: dict) -> dict:
@@ -170,6 +163,8 @@ def generation_api(cls: type) -> type:
             function.__code__, function.__globals__, function.__name__, function.__defaults__
         )
         method.__annotations__ = dict(function.__annotations__)
+        if hasattr(function, "__signature__"):
+            method.__signature__ = function.__signature__
         method.__doc__ = function.__doc__
         # caikit files task methods under the defining class's qualified name.
         method.__module__ = cls.__module__

@@ -78,6 +78,13 @@ class TuningClient:
         request = json_format.ParseDict(body, request_type())
         return call(request, metadata=[*(metadata or []), *self._auth])
 
+    def _unary(self, method: str, body: dict, metadata: list | None = None):
+        """One unary call's answer; an error answer raises RuntimeCallError."""
+        try:
+            return self._call(method, body, metadata)
+        except grpc.RpcError as err:
+            raise RuntimeCallError(err.code(), err.details()) from err
+
     # ------------------------------------------------------------- training
 
     def train(
@@ -101,12 +108,8 @@ class TuningClient:
             body["train_stream"] = {"jsondata": {"data": records}}
         if file is not None:
             body["train_stream"] = {"file": {"filename": file}}
-        try:
-            return self._call(
-                f"TextGenerationTask{module}Train", {"model_name": model_name, "parameters": body}
-            ).training_id
-        except grpc.RpcError as err:
-            raise RuntimeCallError(err.code(), err.details()) from err
+        request = {"model_name": model_name, "parameters": body}
+        return self._unary(f"TextGenerationTask{module}Train", request).training_id
 
     def train_prompt_tuning(
         self,
@@ -129,18 +132,10 @@ class TuningClient:
         )
 
     def training_status(self, training_id: str) -> dict:
-        try:
-            response = self._call("GetTrainingStatus", {"training_id": training_id})
-        except grpc.RpcError as err:
-            raise RuntimeCallError(err.code(), err.details()) from err
-        return json_format.MessageToDict(response, preserving_proto_field_name=True)
+        return _as_dict(self._unary("GetTrainingStatus", {"training_id": training_id}))
 
     def cancel(self, training_id: str) -> dict:
-        try:
-            response = self._call("CancelTraining", {"training_id": training_id})
-        except grpc.RpcError as err:
-            raise RuntimeCallError(err.code(), err.details()) from err
-        return json_format.MessageToDict(response, preserving_proto_field_name=True)
+        return _as_dict(self._unary("CancelTraining", {"training_id": training_id}))
 
     def wait(
         self,
@@ -191,15 +186,8 @@ class TuningClient:
         return self._post("/api/v1/task/tokenization", self._body(model_id, text, {}))
 
     def generate_grpc(self, model_id: str, text: str, **parameters: Any) -> dict:
-        try:
-            response = self._call(
-                "TextGenerationTaskPredict",
-                {"text": text, **parameters},
-                [("mm-model-id", model_id)],
-            )
-        except grpc.RpcError as err:
-            raise RuntimeCallError(err.code(), err.details()) from err
-        return json_format.MessageToDict(response, preserving_proto_field_name=True)
+        body, metadata = {"text": text, **parameters}, [("mm-model-id", model_id)]
+        return _as_dict(self._unary("TextGenerationTaskPredict", body, metadata))
 
     def stream_grpc(self, model_id: str, text: str, **parameters: Any) -> Iterator[dict]:
         try:
@@ -209,7 +197,7 @@ class TuningClient:
                 [("mm-model-id", model_id)],
                 stream=True,
             ):
-                yield json_format.MessageToDict(message, preserving_proto_field_name=True)
+                yield _as_dict(message)
         except grpc.RpcError as err:
             raise RuntimeCallError(err.code(), err.details()) from err
 
@@ -274,6 +262,10 @@ class _ServerApi:
             )
             self._calls[key] = (call, request_type)
         return self._calls[key]
+
+
+def _as_dict(message) -> dict:
+    return json_format.MessageToDict(message, preserving_proto_field_name=True)
 
 
 def _http_error(err: urllib.error.HTTPError) -> RuntimeCallError:

@@ -238,6 +238,12 @@ def trainer_settings(cls: type, config: Mapping, trainer: str):
     return cls(**{k: v for k, v in values.items() if k in valid})
 
 
+def active_model_names(jobs: Iterable) -> list[str]:
+    """The model names queued and running jobs will write (a new job may not nest
+    with them)."""
+    return [job.model_name for job in jobs if not job.state.status.is_terminal]
+
+
 def forget_served_model(model_id: str) -> None:
     """A retrained model replaces its folder; drop the old copy from memory so the next
     request loads the new one."""

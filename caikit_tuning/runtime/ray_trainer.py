@@ -177,11 +177,7 @@ class RayTrainer(ModelTrainerBase):
         **kwargs,
     ) -> RayJob:
         with self._lock:
-            pending = [
-                job.request.model_name
-                for job in self._jobs.values()
-                if not job.get_info().status.is_terminal
-            ]
+            pending = jobs.active_model_names(self._jobs.values())
         request = jobs.build_request(
             module_class, args, kwargs, save_path, save_with_id, model_name, pending
         )
@@ -212,6 +208,7 @@ class RayJob(ModelTrainerFutureBase):
         super().__init__(future_name=trainer_name, future_id=training_id)
         self.request = request
         self.training_id = training_id
+        self.model_name = request.model_name
         self.state = jobs.JobState()
         self._save_path = str(request.save_path(training_id))
         self._folder = request.job_folder(training_id)

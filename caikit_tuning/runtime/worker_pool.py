@@ -53,6 +53,7 @@ from .jobs import (
     STATE_FILE,
     JobRequest,
     JobState,
+    active_model_names,
     build_request,
     describe_progress,
     forget_served_model,
@@ -185,9 +186,7 @@ class WorkerPoolTrainer(ModelTrainerBase):
         **kwargs,
     ) -> Job:
         with self._lock:
-            pending = [
-                j.model_name for j in self._jobs.values() if not j.get_info().status.is_terminal
-            ]
+            pending = active_model_names(self._jobs.values())
         request = build_request(
             module_class, args, kwargs, save_path, save_with_id, model_name, pending
         )
