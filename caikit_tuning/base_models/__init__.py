@@ -14,7 +14,7 @@ from .loading import (
     rope_scaled,
     trust_remote_code,
 )
-from .registry import load_shared
+from .registry import load_shared, served_model_info
 
 __all__ = [
     "BaseModel",
@@ -29,5 +29,6 @@ __all__ = [
     "load_tokenizer",
     "locate_base_model",
     "rope_scaled",
+    "served_model_info",
     "trust_remote_code",
 ]

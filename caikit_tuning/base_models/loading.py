@@ -59,6 +59,11 @@ class BaseModelSource:
     def __str__(self) -> str:
         return self.name if self.name is not None else str(self.path)
 
+    @property
+    def public_name(self) -> str:
+        """The name clients may see: a folder's own name, never its server path."""
+        return self.name if self.name is not None else Path(self.path).name
+
 
 @dataclass(frozen=True)
 class LocatedModel:

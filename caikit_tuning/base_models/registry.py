@@ -12,7 +12,7 @@ import weakref
 
 import torch
 
-from .loading import BaseModel, LocatedModel, load_base
+from .loading import BaseModel, BaseModelSource, LocatedModel, load_base
 
 _SHARED: weakref.WeakValueDictionary[tuple, BaseModel] = weakref.WeakValueDictionary()
 _LOCK = threading.Lock()
@@ -33,6 +33,22 @@ def load_shared(
             base = load_base(located, dtype, device, rope_scaling=rope_scaling)
             _SHARED[key] = base
         return base
+
+
+def is_shared(base: BaseModel) -> bool:
+    """Whether `base` is the registry's copy (so other models may be using it)."""
+    with _LOCK:
+        return any(shared is base for shared in _SHARED.values())
+
+
+def served_model_info(kind: str, base: BaseModel, source: BaseModelSource | None = None) -> dict:
+    """What GetModelsInfo and /info/models show of a served model: its kind, the base
+    model it is built on, and whether it shares that base's loaded copy."""
+    return {
+        "kind": kind,
+        "base_model": (source or base.source).public_name,
+        "shares_base": is_shared(base),
+    }
 
 
 def shared_count() -> int:

@@ -32,6 +32,9 @@ class GenerationServing:
     max_num_beams: int = 8
     # 0: no limit beyond the request body's size.
     max_input_characters: int = 1_000_000
+    # Adapters attached to one shared base model at most (least recently used go first).
+    max_adapters: int = 64
+    max_adapter_bytes: int = 2**30
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ class LibrarySettings:
                         ("max_queue_size", 64),
                         ("max_num_beams", 8),
                         ("max_input_characters", 1_000_000),
+                        ("max_adapters", 64),
+                        ("max_adapter_bytes", 2**30),
                     )
                 },
             ),

@@ -6,7 +6,8 @@ steps (after its own prefill) and leaves it as soon as it finishes, so a short r
 never waits for a long one. Rows are left-padded in the shared KV cache; each row keeps
 its own positions, attention mask, sampling state and stop rules (RequestDecoder).
 
-Only causal LMs with plain dynamic caches are batched; other models decode each
+Causal LMs with plain dynamic caches and T5-family encoder-decoders are batched
+(generation/batches.py holds the running batch of each); other models decode each
 request on its own (stream.stream_generation).
 """
 
@@ -28,7 +29,8 @@ from transformers import DynamicCache, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.cache_utils import DynamicLayer
 
 from ..config import library_settings
-from ..inputs.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
+from ..inputs.prefix import PromptPrefix
+from .batches import CausalBatch, Seq2SeqBatch
 from .settings import GenerationSettings
 from .stream import PreparedPrompt, RequestDecoder, TokenEvent, TokenStream
 
@@ -50,6 +52,7 @@ class _Request:
     decoder: RequestDecoder
     ids: list[int]
     prefix: PromptPrefix
+    slot: int  # its weight adapter's slot on the base model (0: none)
     events: queue.Queue = field(default_factory=queue.Queue)
     cancelled: threading.Event = field(default_factory=threading.Event)
 
@@ -58,15 +61,6 @@ class _Request:
         if not self.cancelled.is_set():
             self.cancelled.set()
             self.events.put(_CANCELLED)
-
-
-@dataclass
-class _Row:
-    """A request inside the running batch."""
-
-    request: _Request
-    position: int  # position id of the next token
-    last_token: int
 
 
 _IDLE_SECONDS = 10.0
@@ -97,9 +91,11 @@ def engine_for(model: PreTrainedModel) -> BatchingEngine | None:
 
 
 def batchable(model: PreTrainedModel) -> bool:
-    """Whether the model's cache can be batched here: a causal LM with dynamic layers."""
+    """Whether the model can be batched here: a causal LM with dynamic cache layers, or
+    an encoder-decoder with relative positions (T5's family: left padding in the
+    decoder leaves every row's distances as they are alone)."""
     if model.config.is_encoder_decoder:
-        return False
+        return getattr(model.config, "relative_attention_num_buckets", None) is not None
     probe = DynamicCache(config=model.config)
     return all(type(layer) is DynamicLayer for layer in probe.layers)
 
@@ -115,13 +111,11 @@ class BatchingEngine:
         self._waiting: collections.deque[_Request] = collections.deque()
         self._lock = threading.Condition()
         self._thread: threading.Thread | None = None
-        # The shared state of the running batch.
-        self._rows: list[_Row] = []
-        self._cache: DynamicCache | None = None
-        self._mask: torch.Tensor | None = None  # (rows, cache length)
+        # The running batch: its rows and their shared caches (generation/batches.py).
+        kind = Seq2SeqBatch if model.config.is_encoder_decoder else CausalBatch
+        self._batch = kind(model, _advance)
         self.steps = 0
         self.max_rows_seen = 0
-        self._last_logits = {"logits_to_keep": 1} if accepts_logits_to_keep(model) else {}
         self._closed = False
         _ENGINES.add(self)
 
@@ -145,7 +139,10 @@ class BatchingEngine:
         """Queue a request; its events arrive through the returned stream. Cancelling
         or closing it early (a client that went away) drops the request from the batch."""
         request = _Request(
-            RequestDecoder(self.model, tokenizer, prompt, prefix, settings), prompt.ids, prefix
+            RequestDecoder(self.model, tokenizer, prompt, prefix, settings),
+            prompt.ids,
+            prefix,
+            prompt.slot,
         )
         with self._lock:
             if self._closed:
@@ -183,137 +180,40 @@ class BatchingEngine:
     def _loop(self) -> None:
         while True:
             with self._lock:
-                while not self._waiting and not self._rows:
+                while not self._waiting and not self._batch.rows:
                     # An idle engine lets its thread end, so nothing pins the model.
                     if self._closed or not self._lock.wait(timeout=_IDLE_SECONDS):
                         self._thread = None
                         return
                 if self._closed:
-                    for request in [*self._waiting, *(row.request for row in self._rows)]:
+                    running = [row.request for row in self._batch.rows]
+                    for request in [*self._waiting, *running]:
                         request.events.put(RuntimeError("the generation engine is shutting down"))
                     self._waiting.clear()
-                    self._rows, self._cache, self._mask = [], None, None
+                    self._batch.clear()
                     self._thread = None
                     return
                 admitted = []
-                while self._waiting and len(self._rows) + len(admitted) < self.max_batch_size:
+                room = self.max_batch_size - len(self._batch.rows)
+                while self._waiting and len(admitted) < room:
                     admitted.append(self._waiting.popleft())
+            admitted = [r for r in admitted if not r.cancelled.is_set()]
             if admitted:
-                self._guarded(self._admit, admitted)
-            if self._rows:
-                self._guarded(self._step)
+                self._guarded(self._batch.admit, admitted)
+                self.max_rows_seen = max(self.max_rows_seen, len(self._batch.rows))
+            if self._batch.rows:
+                self._guarded(self._batch.step)
+                self.steps += 1
 
     def _guarded(self, work, *args) -> None:
         try:
             work(*args)
         except Exception as err:  # noqa: BLE001  (fail the requests, keep the engine)
             log.error("batched decoding failed: %s", err, exc_info=True)
-            failed = [row.request for row in self._rows] + [r for a in args for r in a]
+            failed = [row.request for row in self._batch.rows] + [r for a in args for r in a]
             for request in failed:
                 request.events.put(err)
-            self._rows, self._cache, self._mask = [], None, None
-
-    @torch.inference_mode()
-    def _admit(self, requests: list[_Request]) -> None:
-        """Prefill the newly admitted requests together (left-padded, each behind its own
-        soft prompt), answer their first tokens, and merge their caches into the batch."""
-        requests = [r for r in requests if not r.cancelled.is_set()]
-        if not requests:
-            return
-        pieces = []
-        for request in requests:
-            ids = torch.tensor([request.ids], device=self.device)  # (1, seq_len)
-            embeds, _ = embed_with_prefix(self.model, ids, None, request.prefix.decoder)
-            pieces.append(embeds[0])  # (virtual + seq_len, hidden)
-        width = max(piece.shape[0] for piece in pieces)
-        embeds = pieces[0].new_zeros(len(pieces), width, pieces[0].shape[1])
-        mask = torch.zeros(len(pieces), width, dtype=torch.long, device=self.device)
-        for index, piece in enumerate(pieces):
-            embeds[index, width - piece.shape[0] :] = piece
-            mask[index, width - piece.shape[0] :] = 1
-        positions = (mask.cumsum(dim=1) - 1).clamp(min=0)  # each row counts from its start
-        out = self.model(
-            inputs_embeds=embeds,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **self._last_logits,
-        )
-        logits = out.logits[:, -1].float().cpu()  # (requests, vocab)
-        keep, rows = [], []
-        for index, request in enumerate(requests):
-            event = _advance(request, logits[index])
-            if event is not None and not request.decoder.finished:
-                keep.append(index)
-                rows.append(
-                    _Row(request, position=int(mask[index].sum()), last_token=event.token_id)
-                )
-        if keep:
-            select = torch.tensor(keep, device=self.device)
-            for layer in out.cache.layers:
-                layer.keys = layer.keys.index_select(0, select)
-                layer.values = layer.values.index_select(0, select)
-            self._merge(out.cache, mask.index_select(0, select), rows)
-
-    def _merge(self, cache: DynamicCache, mask: torch.Tensor, rows: list[_Row]) -> None:
-        """Append rows (their cache and mask) to the running batch, left-padding the
-        shorter side so every row ends at the same column."""
-        if not self._rows:
-            self._cache, self._mask, self._rows = cache, mask, list(rows)
-        else:
-            width = max(self._mask.shape[1], mask.shape[1])
-            for mine, theirs in zip(self._cache.layers, cache.layers, strict=True):
-                mine.keys = torch.cat([_left_pad(mine.keys, width), _left_pad(theirs.keys, width)])
-                mine.values = torch.cat(
-                    [_left_pad(mine.values, width), _left_pad(theirs.values, width)]
-                )
-            self._mask = torch.cat([_left_pad_mask(self._mask, width), _left_pad_mask(mask, width)])
-            self._rows.extend(rows)
-        self.max_rows_seen = max(self.max_rows_seen, len(self._rows))
-
-    @torch.inference_mode()
-    def _step(self) -> None:
-        """One forward pass for every running row, then each row's own decision."""
-        rows = self._rows
-        tokens = torch.tensor([[r.last_token] for r in rows], device=self.device)  # (rows, 1)
-        positions = torch.tensor([[r.position] for r in rows], device=self.device)  # (rows, 1)
-        self._mask = torch.cat([self._mask, self._mask.new_ones(len(rows), 1)], dim=1)
-        out = self.model(
-            input_ids=tokens,
-            attention_mask=self._mask,
-            position_ids=positions,
-            cache=self._cache,
-            use_cache=True,
-        )
-        self._cache = out.cache
-        logits = out.logits[:, -1].float().cpu()  # (rows, vocab)
-        self.steps += 1
-        keep = []
-        for index, row in enumerate(rows):
-            if row.request.cancelled.is_set():
-                continue
-            event = _advance(row.request, logits[index])
-            if event is not None and not row.request.decoder.finished:
-                row.position += 1
-                row.last_token = event.token_id
-                keep.append(index)
-        if len(keep) != len(rows):
-            self._keep(keep)
-
-    def _keep(self, indices: list[int]) -> None:
-        """Drop finished rows, and cache columns that are padding in every row left."""
-        if not indices:
-            self._rows, self._cache, self._mask = [], None, None
-            return
-        select = torch.tensor(indices, device=self.device)
-        self._rows = [self._rows[i] for i in indices]
-        self._mask = self._mask.index_select(0, select)
-        used = self._mask.any(dim=0).nonzero()
-        start = int(used[0]) if used.numel() else 0
-        self._mask = self._mask[:, start:]
-        for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, select)[:, :, start:]
-            layer.values = layer.values.index_select(0, select)[:, :, start:]
+            self._batch.clear()
 
 
 def _advance(request: _Request, logits: torch.Tensor) -> TokenEvent | None:
@@ -327,19 +227,3 @@ def _advance(request: _Request, logits: torch.Tensor) -> TokenEvent | None:
         return None
     request.events.put(event)
     return event
-
-
-def _left_pad(states: torch.Tensor, width: int) -> torch.Tensor:
-    """(rows, heads, length, dim) -> (rows, heads, width, dim), zeros in front."""
-    missing = width - states.shape[2]
-    if missing == 0:
-        return states
-    pad = states.new_zeros(states.shape[0], states.shape[1], missing, states.shape[3])
-    return torch.cat([pad, states], dim=2)
-
-
-def _left_pad_mask(mask: torch.Tensor, width: int) -> torch.Tensor:
-    missing = width - mask.shape[1]
-    if missing == 0:
-        return mask
-    return torch.cat([mask.new_zeros(mask.shape[0], missing), mask], dim=1)

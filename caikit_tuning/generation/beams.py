@@ -10,6 +10,7 @@ from caikit.interfaces.nlp.data_model import FinishReason
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..inputs.prefix import PromptPrefix, embed_with_prefix
+from .adapters import routed
 from .decoding import TextAssembler
 from .settings import GenerationSettings
 from .stream import PreparedPrompt, TokenEvent, eos_token_ids
@@ -50,7 +51,7 @@ def beam_search(
         options["max_time"] = settings.max_time
     if settings.exponential_decay_length_penalty is not None:
         options["exponential_decay_length_penalty"] = settings.exponential_decay_length_penalty
-    with torch.inference_mode():
+    with torch.inference_mode(), routed(prompt.slot or None):
         output = model.generate(inputs_embeds=embeds, attention_mask=mask, **options)[0].tolist()
     if encoder_decoder:
         output = output[1:]  # the decoder start token

@@ -10,13 +10,17 @@ import torch
 from transformers import PreTrainedModel
 
 from ..inputs.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
+from .adapters import routed
 
 
 class DecodingSession:
     """Next-token logits for one sequence, causal or encoder-decoder."""
 
-    def __init__(self, model: PreTrainedModel, input_ids: list[int], prefix: PromptPrefix):
+    def __init__(
+        self, model: PreTrainedModel, input_ids: list[int], prefix: PromptPrefix, slot: int = 0
+    ):
         self.model = model
+        self.slot = slot  # the weight adapter every forward pass routes to (0: none)
         self.device = next(model.parameters()).device
         self.is_encoder_decoder = bool(model.config.is_encoder_decoder)
         self._ids = torch.tensor([input_ids], dtype=torch.long, device=self.device)  # (1, seq_len)
@@ -30,6 +34,10 @@ class DecodingSession:
     @torch.inference_mode()
     def prefill(self) -> torch.Tensor:
         """Run the whole prompt; returns the logits of the first new token, (vocab,)."""
+        with routed(self.slot or None):
+            return self._prefill()
+
+    def _prefill(self) -> torch.Tensor:
         if self.is_encoder_decoder:
             return self._prefill_seq2seq()
         embeds, self._mask = embed_with_prefix(self.model, self._ids, None, self._prefix.decoder)
@@ -60,6 +68,10 @@ class DecodingSession:
     @torch.inference_mode()
     def step(self, token_id: int) -> torch.Tensor:
         """Feed the token just chosen; returns the logits of the next one, (vocab,)."""
+        with routed(self.slot or None):
+            return self._step(token_id)
+
+    def _step(self, token_id: int) -> torch.Tensor:
         token = torch.tensor([[token_id]], dtype=torch.long, device=self.device)  # (1, 1)
         if self.is_encoder_decoder:
             out = self.model(

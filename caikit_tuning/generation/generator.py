@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from collections.abc import Iterator
 
 from caikit.core.data_model import ProducerId
@@ -13,6 +15,7 @@ from caikit.interfaces.nlp.data_model import (
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from ..inputs.prefix import NO_PREFIX, PromptPrefix
+from .adapters import AdapterUse
 from .batching import engine_for
 from .beams import beam_search
 from .results import stream_results, unary_result
@@ -36,11 +39,14 @@ class TextGenerator:
         producer: ProducerId,
         prefix: PromptPrefix = NO_PREFIX,
         chat: bool = False,
+        adapter: AdapterUse | None = None,
     ):
         self.model = model
         self.tokenizer = tokenizer
         self.producer = producer
         self.prefix = prefix
+        # A weight adapter attached to the (shared) model for each request's length.
+        self.adapter = adapter
         # Models trained on chat records always see their input as a chat turn.
         self.chat = chat
 
@@ -49,12 +55,22 @@ class TextGenerator:
         if templated:
             text = chat_prompt(self.tokenizer, text)
         prompt = prepare_prompt(self.model, self.tokenizer, text, self.prefix, settings, templated)
-        engine = engine_for(self.model) if settings.num_beams == 1 else None
-        if engine is not None:
-            events = engine.submit(self.tokenizer, prompt, self.prefix, settings)
-        else:
-            decode = beam_search if settings.num_beams > 1 else stream_generation
-            events = decode(self.model, self.tokenizer, prompt, self.prefix, settings)
+        release = _no_op
+        if self.adapter is not None:
+            slot = self.adapter.acquire()
+            prompt = dataclasses.replace(prompt, slot=slot)
+            release = functools.partial(self.adapter.release, slot)
+        try:
+            engine = engine_for(self.model) if settings.num_beams == 1 else None
+            if engine is not None:
+                events = engine.submit(self.tokenizer, prompt, self.prefix, settings)
+            else:
+                decode = beam_search if settings.num_beams > 1 else stream_generation
+                events = decode(self.model, self.tokenizer, prompt, self.prefix, settings)
+        except BaseException:
+            release()
+            raise
+        events = TokenStream(_releasing(events, release), getattr(events, "cancel", _no_op))
         return prompt, events, self._common(text, prompt, settings)
 
     def _common(self, text: str, prompt: PreparedPrompt, settings: GenerationSettings) -> dict:
@@ -88,4 +104,12 @@ class TextGenerator:
 
 
 def _no_op() -> None:
-    """Nothing to cancel: beam search answers in one piece."""
+    """Nothing to cancel (beam search answers in one piece), or nothing to release."""
+
+
+def _releasing(events, release):
+    """`events`, then `release()` once they end, are closed or fail."""
+    try:
+        yield from events
+    finally:
+        release()

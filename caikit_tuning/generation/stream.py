@@ -36,6 +36,9 @@ class TokenEvent:
 class PreparedPrompt:
     ids: list[int]
     seed: int
+    # The request's weight adapter on the shared base model (generation/adapters.py);
+    # 0: none.
+    slot: int = 0
 
 
 class TokenStream(Iterator):
@@ -207,7 +210,7 @@ def stream_generation(
 
     def tokens() -> Iterator[TokenEvent]:
         decoder = RequestDecoder(model, tokenizer, prompt, prefix, settings)
-        session = DecodingSession(model, prompt.ids, prefix)
+        session = DecodingSession(model, prompt.ids, prefix, prompt.slot)
         logits = session.prefill()
         while not stop.is_set():
             event = decoder.advance(logits)

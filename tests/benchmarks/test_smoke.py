@@ -69,6 +69,31 @@ def test_serving_benchmark_smoke(tmp_path):
     assert summary["throughput_ratio"] > 0 and summary["memory_ratio"] > 0
 
 
+def test_serving_adapters_benchmark_smoke(tmp_path):
+    summary = run_benchmark(
+        "serving_adapters.py",
+        tmp_path,
+        *(
+            "--loras",
+            "5",
+            "--prompts",
+            "4",
+            "--requests",
+            "16",
+            "--new-tokens",
+            "4",
+            "--repeats",
+            "1",
+        ),
+    )
+    for family in ("causal", "seq2seq"):
+        result = summary[family]
+        for phase in ("sequential", "concurrent", "base_alone", "base_alone_verbalized"):
+            assert result[phase]["errors"] == 0, (family, phase, result[phase])
+        assert result["probes"][result["cold_model"]]["first_token_s"] > 0
+        assert result["memory_ratio"] > 0 and result["concurrent_over_base_alone"] > 0
+
+
 def test_generation_speed_benchmark_smoke(tmp_path):
     summary = run_benchmark(
         "generation_speed.py", tmp_path, "--repeats", "1", "--max-new-tokens", "4"

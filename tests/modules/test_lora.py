@@ -70,7 +70,8 @@ def logits(model: torch.nn.Module, tokenizer, text: str) -> torch.Tensor:
 
 
 def module_logits(model: LoraTuning) -> torch.Tensor:
-    return logits(model.base.model, model.base.tokenizer, model.model_input(TEXT))
+    with model.adapted() as adapted:
+        return logits(adapted, model.base.tokenizer, model.model_input(TEXT))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,8 @@
 """TextGeneration through the real runtime: a bootstrapped base model and a fine-tune job."""
 
+import json
+import urllib.request
+
 import pytest
 
 from caikit_tuning import TextGeneration
@@ -60,6 +63,43 @@ def test_lora_job_over_grpc_then_serve(runtime, client):
     assert (runtime.models / "tiny-lora" / "adapter").is_dir()
     result = client.generate("tiny-lora", "a wonderful, moving film", max_new_tokens=3)
     assert result["generated_tokens"] >= 1
+
+
+def test_models_info_lists_each_kind_and_its_shared_base(runtime, client, base_model_id):
+    client.generate(base_model_id, "hello", max_new_tokens=1)
+    client.generate("tiny-lora", "hello", max_new_tokens=1)
+    with urllib.request.urlopen(f"http://127.0.0.1:{runtime.http_port}/info/models") as response:
+        models = {m["name"]: m for m in json.loads(response.read())["models"]}
+    assert models["tiny-lora"]["metadata"] == {
+        "kind": "lora",
+        "base_model": "tiny-llama",
+        "shares_base": True,
+    }
+    assert models[base_model_id]["metadata"]["kind"] == "base"
+    assert models[base_model_id]["metadata"]["shares_base"] is True
+
+
+def test_retraining_a_lora_name_under_load_swaps_it_safely(runtime, client):
+    """A stream running on the old adapter while the retrained one is swapped in ends
+    on the old weights; requests after the swap get the new ones."""
+    text = "a wonderful, moving film"
+    before = client.generate("tiny-lora", text, max_new_tokens=24, min_new_tokens=24)
+    stream = client.stream("tiny-lora", text, max_new_tokens=24, min_new_tokens=24)
+    pieces = [next(stream)["generated_text"]]
+    job = client.train(
+        "LoraTuning",
+        "tiny-lora",
+        "tiny-llama",
+        records=RECORDS,
+        num_epochs=6,
+        learning_rate=0.3,
+        adapter_config={"adapter_type": "LORA", "r": 4},
+    )
+    assert client.wait(job, poll_seconds=0.3, timeout=120)["state"] == "COMPLETED"
+    after = client.generate("tiny-lora", text, max_new_tokens=24, min_new_tokens=24)
+    pieces += [chunk["generated_text"] for chunk in stream]
+    assert "".join(pieces) == before["generated_text"]
+    assert after["generated_text"] != before["generated_text"]
 
 
 def test_in_context_model_and_labels_over_rest(runtime, client):

@@ -17,7 +17,13 @@ from caikit.core.modules import ModuleLoader, ModuleSaver
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 from safetensors.torch import load_file, save_file
 
-from ...base_models import BaseModel, BaseModelSource, load_shared, locate_base_model
+from ...base_models import (
+    BaseModel,
+    BaseModelSource,
+    load_shared,
+    locate_base_model,
+    served_model_info,
+)
 from ...data import Verbalizer, check_fields, collect_records
 from ...data_model import TrainGenerationRecord
 from ...generation import TextGenerator, generation_api
@@ -67,6 +73,10 @@ class InContextLearning(ModuleBase):
         self.generator = TextGenerator(
             base.model, base.tokenizer, ProducerId(self.MODULE_NAME, self.MODULE_VERSION)
         )
+
+    @property
+    def public_model_info(self) -> dict:
+        return served_model_info("in_context", self.base)
 
     @classmethod
     def train(

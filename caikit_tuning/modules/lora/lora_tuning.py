@@ -1,21 +1,35 @@
 """LoraTuning: train a weight adapter (LoRA, AdaLoRA, IA3) on a frozen base model."""
 
+import contextlib
 import dataclasses
+import shutil
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import alog
+import torch
 from caikit.core import ModuleBase, module
 from caikit.core.data_model import ProducerId
 from caikit.core.modules import ModuleLoader, ModuleSaver
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 from peft import PeftModel, get_peft_model
 
-from ...base_models import BaseModel, BaseModelSource, LocatedModel, load_base, locate_base_model
+from ...base_models import (
+    BaseModel,
+    BaseModelSource,
+    LocatedModel,
+    load_base,
+    load_shared,
+    locate_base_model,
+    served_model_info,
+)
+from ...config import library_settings
 from ...data import Verbalizer, read_records, trained_on_chat
 from ...data_model.adapters import AdapterConfig, AdapterType, QuantizationConfig
 from ...generation import TextGenerator, generation_api
+from ...generation.adapters import AdapterLimits, AdapterUse, host_for, new_key, routed
 from ...storage import atomic_folder, read_jsonl
 from ...training import TrainingSettings, seed_everything, total_steps
 from ...training.api import TrainRequest, train_api
@@ -31,11 +45,13 @@ from ...training.fit import (
 )
 from .adapter_files import (
     ADAPTER_FOLDER,
+    adapter_reader,
     inside,
     load_adapter,
     locate_adapter,
     read_adapter_config,
     save_adapter,
+    shareable,
 )
 from .quantization import QuantizationSettings, check_quantization_possible, load_quantized_base
 from .settings import AdapterSettings, peft_config, requested_fields
@@ -79,24 +95,63 @@ class LoraTuning(ModuleBase):
         training_config: dict,
         training_logs: list[dict],
         chat: bool = False,
+        shared: Optional[AdapterUse] = None,
+        adapter_folder: Optional[Path] = None,
     ):
         super().__init__()
-        # base.model generates: the base model with the adapter's layers wrapped in place
-        # (adapter.get_base_model()), or with the adapter merged in (adapter is None).
+        # base.model generates: a shared base model with this model's adapter attached
+        # on use (`shared`, a loaded model), the base model with the adapter's layers
+        # wrapped in place (adapter.get_base_model(), after training), or with the
+        # adapter merged in (neither).
         self.base = base
         self.adapter = adapter
+        self.shared = shared
+        self.adapter_folder = adapter_folder
         self.verbalizer = verbalizer
         self.settings = settings
         self.training_config = training_config
         self.training_logs = training_logs
         self.chat = chat
         self.generator = TextGenerator(
-            base.model, base.tokenizer, ProducerId(self.MODULE_NAME, self.MODULE_VERSION), chat=chat
+            base.model,
+            base.tokenizer,
+            ProducerId(self.MODULE_NAME, self.MODULE_VERSION),
+            chat=chat,
+            adapter=shared,
         )
 
     @property
     def merged(self) -> bool:
-        return self.adapter is None
+        return self.adapter is None and self.shared is None
+
+    @property
+    def public_model_info(self) -> dict:
+        kind = self.settings.adapter_type.name.lower()
+        if self.settings.use_dora:
+            kind = "dora"
+        elif self.settings.use_rslora:
+            kind = "rslora"
+        return served_model_info(f"{kind}_merged" if self.merged else kind, self.base)
+
+    @contextlib.contextmanager
+    def adapted(self) -> Iterator[torch.nn.Module]:
+        """The model to call for this model's outputs outside run(): the base model
+        with this model's adapter (attached and routed to for the block's length)."""
+        if self.shared is None:
+            yield self.base.model
+            return
+        slot = self.shared.acquire()
+        try:
+            with routed(slot):
+                yield self.base.model
+        finally:
+            self.shared.release(slot)
+
+    def __del__(self):
+        # A model that is unloaded (or replaced by its retrained self) frees its slot.
+        shared = getattr(self, "shared", None)
+        if shared is not None:
+            shared.host.detach(shared.key)
 
     # ---------------------------------------------------------------- training
 
@@ -206,6 +261,9 @@ class LoraTuning(ModuleBase):
                 self.base.model.save_pretrained(staging / WEIGHTS_FOLDER, safe_serialization=True)
                 self.base.tokenizer.save_pretrained(staging / WEIGHTS_FOLDER)
                 config.update(weights=WEIGHTS_FOLDER, trained_from=source.to_config())
+            elif self.shared is not None:  # a loaded model: its adapter files as they are
+                shutil.copytree(self.adapter_folder, staging / ADAPTER_FOLDER)
+                config.update(adapter=ADAPTER_FOLDER, base_model=source.to_config())
             else:
                 save_adapter(self.adapter, staging / ADAPTER_FOLDER, str(source))
                 config.update(adapter=ADAPTER_FOLDER, base_model=source.to_config())
@@ -228,7 +286,7 @@ class LoraTuning(ModuleBase):
         config = loader.config
         folder = Path(loader.model_path)
         device_, dtype = placement(device, torch_dtype)
-        adapter = None
+        adapter = shared = adapter_folder = None
         if config.get("weights"):
             weights = str(inside(folder, config.weights, "weights"))
             base = load_base(
@@ -240,12 +298,22 @@ class LoraTuning(ModuleBase):
             try:
                 located = locate_base_model(BaseModelSource.from_config(dict(config.base_model)))
             except ValueError as err:
-                raise ValueError(f"cannot load the LoRA model at {folder}: {err}") from err
+                raise ValueError(f"cannot load the LoRA model {folder.name}: {err}") from err
             rope = dict((config.get("training") or {}).get("rope_scaling") or {}) or None
-            base = load_base(located, dtype, device_, rope_scaling=rope)
             adapter_folder = inside(folder, config.adapter, "its adapter")
-            adapter, _ = load_adapter(base.model, adapter_folder, False, "the saved adapter")
-            base.model = adapter.get_base_model()
+            peft_config = read_adapter_config(adapter_folder, "the saved adapter")
+            if shareable(peft_config):
+                # One base model for every model built on it; the adapter attaches on use.
+                base = load_shared(located, dtype, device_, rope)
+                shared = AdapterUse(
+                    host_for(base.model, _adapter_limits()),
+                    new_key(folder.name),
+                    adapter_reader(adapter_folder, base.model, peft_config),
+                )
+            else:  # AdaLoRA: its own copy of the base model, with PEFT's layers
+                base = load_base(located, dtype, device_, rope_scaling=rope)
+                adapter, _ = load_adapter(base.model, adapter_folder, False, "the saved adapter")
+                base.model = adapter.get_base_model()
         return cls(
             base,
             adapter,
@@ -254,7 +322,14 @@ class LoraTuning(ModuleBase):
             dict(config.get("training") or {}),
             read_jsonl(folder / TRAINING_LOGS),
             chat=bool(config.get("chat", False)),
+            shared=shared,
+            adapter_folder=adapter_folder,
         )
+
+
+def _adapter_limits() -> AdapterLimits:
+    serving = library_settings().generation
+    return AdapterLimits(serving.max_adapters, serving.max_adapter_bytes)
 
 
 def _plan(

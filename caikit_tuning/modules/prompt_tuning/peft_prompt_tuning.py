@@ -18,6 +18,7 @@ from ...base_models import (
     load_model_config,
     load_shared,
     locate_base_model,
+    served_model_info,
 )
 from ...config import library_settings
 from ...data import Verbalizer, read_records, task_names, trained_on_chat
@@ -103,6 +104,11 @@ class PeftPromptTuning(ModuleBase):
             chat=chat,
         )
         self.chat = chat
+
+    @property
+    def public_model_info(self) -> dict:
+        kind = "multitask_prompt" if self.source is not None else "prompt"
+        return served_model_info(kind, self.base)
 
     # ---------------------------------------------------------------- training
 

@@ -9,7 +9,14 @@ from caikit.core.data_model import ProducerId
 from caikit.core.modules import ModuleLoader, ModuleSaver
 from caikit.interfaces.nlp.tasks import TextGenerationTask, TokenizationTask
 
-from ...base_models import BaseModel, BaseModelSource, LocatedModel, load_shared, locate_base_model
+from ...base_models import (
+    BaseModel,
+    BaseModelSource,
+    LocatedModel,
+    load_shared,
+    locate_base_model,
+    served_model_info,
+)
 from ...data import Verbalizer, read_records, trained_on_chat
 from ...generation import TextGenerator, generation_api
 from ...inputs import NO_PREFIX
@@ -68,6 +75,12 @@ class TextGeneration(ModuleBase):
     @property
     def fine_tuned(self) -> bool:
         return bool(self.training_config)
+
+    @property
+    def public_model_info(self) -> dict:
+        return served_model_info(
+            "fine_tuned" if self.fine_tuned else "base", self.base, self.source
+        )
 
     @classmethod
     def bootstrap(
