@@ -19,7 +19,8 @@ import threading
 import time
 from pathlib import Path
 
-from stats import percentile  # noqa: E402  (next to this script)
+from harness import run_threads  # noqa: E402  (next to this script)
+from stats import percentile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -47,13 +48,7 @@ def hammer(call, requests: int, concurrency: int) -> dict:
                 latencies.append(time.perf_counter() - began)
                 tokens[0] += generated
 
-    began = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(concurrency)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - began
+    seconds = run_threads(worker, concurrency)
     return {
         "requests": requests,
         "concurrency": concurrency,

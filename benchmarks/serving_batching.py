@@ -18,7 +18,8 @@ import threading
 import time
 from pathlib import Path
 
-from stats import percentile  # noqa: E402  (next to this script)
+from harness import base_models, run_threads  # noqa: E402  (next to this script)
+from stats import percentile  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -83,13 +84,7 @@ def load_phase(client, models: list[str], requests: int, clients: int, tokens: i
                 latencies.append(time.perf_counter() - began)
                 generated[0] += out["generated_tokens"]
 
-    began = time.perf_counter()
-    threads = [threading.Thread(target=worker) for _ in range(clients)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    seconds = time.perf_counter() - began
+    seconds = run_threads(worker, clients)
     return {
         "clients": clients,
         "requests": requests,
@@ -123,25 +118,12 @@ def main() -> None:
     parser.add_argument("--results-dir", default=str(ROOT / "benchmarks" / "results"))
     args = parser.parse_args()
 
-    import caikit
-
     import caikit_tuning  # noqa: F401
     from caikit_tuning.runtime.process import RuntimeProcess
 
     with tempfile.TemporaryDirectory() as tmp:
         workdir = Path(tmp)
-        if args.model == "tiny":
-            from caikit_tuning.testing.tiny_models import build_tiny_llama
-
-            base_dir = workdir / "base"
-            build_tiny_llama(
-                base_dir / "tiny", ["a gorgeous moving film", "a dull lifeless mess"] * 50
-            )
-            name = "tiny"
-        else:
-            base_dir = (ROOT / caikit.get_config().base_models_dir).resolve()
-            name = args.model
-        caikit.configure(config_dict={"base_models_dir": str(base_dir)})
+        base_dir, name = base_models(args.model, workdir)
         server = RuntimeProcess(
             workdir,
             base_dir,

@@ -87,7 +87,7 @@ def run(
         GeneratedTextResult with the text, token counts and finish reason.
     """
     rule = LabelRule.parse(labels, label_match, label_fallback)
-    settings = _settings(text, _generation_args(locals()))
+    settings = request_settings(text, _generation_args(locals()))
     result = self.generator.generate(self.model_input(text), settings)
     if rule is not None:
         result.generated_text = rule.extract(result.generated_text)
@@ -99,7 +99,7 @@ def run_stream_out(self, text: str = "", **parameters) -> Iterable[GeneratedText
     search, which only knows its answer at the end, yields it as one message). Takes
     `run`'s parameters but the label ones (its signature is `run`'s, see below)."""
     values = _STREAM_SIGNATURE.bind(self, text, **parameters).arguments
-    settings = _settings(text, _generation_args(values))
+    settings = request_settings(text, _generation_args(values))
     return self.generator.generate_stream(self.model_input(text), settings)
 
 
@@ -137,7 +137,7 @@ def _generation_args(call_locals: dict) -> dict:
     return {k: v for k, v in call_locals.items() if k not in _NOT_GENERATION}
 
 
-def _settings(text: str, values: dict) -> GenerationSettings:
+def request_settings(text: str, values: dict) -> GenerationSettings:
     """The request's settings, within the server's limits (config `generation`)."""
     serving = library_settings().generation
     max_chars = serving.max_input_characters

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from transformers import PreTrainedTokenizerBase
@@ -67,6 +68,36 @@ class DecayTowardsEos(LogitsProcessor):
         return scores
 
 
+class OccurrencePenalty(LogitsProcessor):
+    """OpenAI's presence and frequency penalties, over the generated tokens only: a
+    token's score drops by `presence` once it has been generated and by `frequency` for
+    each time it has been."""
+
+    def __init__(self, prompt_length: int, presence: float, frequency: float):
+        self.prompt_length = prompt_length
+        self.presence = presence
+        self.frequency = frequency
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        generated = input_ids[0, self.prompt_length :]  # (generated,)
+        if generated.numel() == 0:
+            return scores
+        vocab = scores.shape[-1]
+        counts = torch.bincount(generated[generated < vocab], minlength=vocab).to(scores.dtype)
+        return scores - self.frequency * counts - self.presence * (counts > 0).to(scores.dtype)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """The chosen token, and what was asked about it under the model's own distribution."""
+
+    token: int
+    logprob: float | None = None
+    rank: int | None = None
+    # The likeliest tokens with their log-probabilities, best first (top_logprobs).
+    top: tuple[tuple[int, float], ...] | None = None
+
+
 class TokenChooser:
     """Applies penalties and sampling warpers to one request's logits and picks a token."""
 
@@ -85,6 +116,12 @@ class TokenChooser:
         if settings.exponential_decay_length_penalty is not None:
             start, factor = settings.exponential_decay_length_penalty
             processors.append(DecayTowardsEos(start + len(prompt_ids), factor, eos_ids))
+        if settings.presence_penalty or settings.frequency_penalty:
+            processors.append(
+                OccurrencePenalty(
+                    len(prompt_ids), settings.presence_penalty, settings.frequency_penalty
+                )
+            )
         if self.sampling:
             if settings.temperature is not None and settings.temperature != 1.0:
                 processors.append(TemperatureLogitsWarper(settings.temperature))
@@ -97,13 +134,11 @@ class TokenChooser:
         self.processors = processors
         self.generator = torch.Generator().manual_seed(seed)
 
-    def choose(
-        self, logits: torch.Tensor, sequence: list[int]
-    ) -> tuple[int, float | None, int | None]:
+    def choose(self, logits: torch.Tensor, sequence: list[int]) -> Choice:
         """Pick the next token from `logits` (vocab,), given prompt + generated ids so far.
 
-        Returns the token and, when asked for, its log-probability and rank under the
-        model's own distribution.
+        Returns the token and, when asked for, its log-probability, its rank and the
+        likeliest alternatives under the model's own distribution.
         """
         scores = logits.cpu()
         if not torch.isfinite(scores).any():
@@ -120,12 +155,16 @@ class TokenChooser:
             token = int(torch.multinomial(probs, 1, generator=self.generator))
         else:
             token = int(torch.argmax(scores))
-        logprob = rank = None
-        if self.settings.include_logprobs:
-            logprob = float(torch.log_softmax(logits, dim=-1)[token])
+        logprob = rank = top = None
+        if self.settings.include_logprobs or self.settings.top_logprobs:
+            logprobs = torch.log_softmax(logits.float(), dim=-1)  # (vocab,)
+            logprob = float(logprobs[token])
+            if self.settings.top_logprobs:
+                values, ids = torch.topk(logprobs, self.settings.top_logprobs)
+                top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
         if self.settings.include_ranks:
             rank = int((logits > logits[token]).sum()) + 1
-        return token, logprob, rank
+        return Choice(token, logprob, rank, top)
 
 
 class TextAssembler:

@@ -50,9 +50,14 @@ class TextGenerator:
         # Models trained on chat records always see their input as a chat turn.
         self.chat = chat
 
-    def _start(self, text: str, settings: GenerationSettings):
-        templated = settings.apply_chat_template or self.chat
-        if templated:
+    def start(
+        self, text: str, settings: GenerationSettings, rendered: bool = False
+    ) -> tuple[PreparedPrompt, TokenStream]:
+        """Queue one generation of `text` (the model's input, as `model_input` makes it)
+        and return its prompt and its stream of token events. `rendered`: `text` is a
+        conversation already rendered with the chat template (see `chat_conversation`)."""
+        templated = rendered or settings.apply_chat_template or self.chat
+        if templated and not rendered:
             text = chat_prompt(self.tokenizer, text)
         prompt = prepare_prompt(self.model, self.tokenizer, text, self.prefix, settings, templated)
         release = _no_op
@@ -70,7 +75,14 @@ class TextGenerator:
         except BaseException:
             release()
             raise
-        events = TokenStream(_releasing(events, release), getattr(events, "cancel", _no_op))
+        return prompt, TokenStream(_releasing(events, release), getattr(events, "cancel", _no_op))
+
+    def _start(self, text: str, settings: GenerationSettings):
+        # Rendered here, so that preserve_input_text gives back what the model saw.
+        templated = settings.apply_chat_template or self.chat
+        if templated:
+            text = chat_prompt(self.tokenizer, text)
+        prompt, events = self.start(text, settings, rendered=templated)
         return prompt, events, self._common(text, prompt, settings)
 
     def _common(self, text: str, prompt: PreparedPrompt, settings: GenerationSettings) -> dict:

@@ -32,6 +32,9 @@ DECAY_FACTOR_RANGE = (1e-3, 10.0)
 # Beam search multiplies a request's memory and compute by the beam count: the
 # operator's limit is generation.max_num_beams.
 DEFAULT_MAX_NUM_BEAMS = 8
+# OpenAI's ranges for its presence / frequency penalties and its alternatives per token.
+PENALTY_RANGE = (-2.0, 2.0)
+MAX_TOP_LOGPROBS = 20
 
 
 @dataclass(frozen=True)
@@ -55,6 +58,10 @@ class GenerationSettings:
     include_ranks: bool = False
     include_input_tokens: bool = False
     apply_chat_template: bool = False
+    # OpenAI's knobs (runtime/openai_api.py); caikit's run() does not offer them.
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    top_logprobs: int = 0
 
     def __post_init__(self):
         set_ = lambda name, value: object.__setattr__(self, name, value)  # noqa: E731
@@ -90,11 +97,17 @@ class GenerationSettings:
             number(self.max_time, "max_time", 0.0, low_open=True)
         if self.seed is not None:
             integer(self.seed, "seed", 0, MAX_SEED)
+        for name in ("presence_penalty", "frequency_penalty"):
+            number(getattr(self, name), name, *PENALTY_RANGE)
+        integer(self.top_logprobs, "top_logprobs", 0, MAX_TOP_LOGPROBS)
         set_("exponential_decay_length_penalty", _decay(self.exponential_decay_length_penalty))
         set_("stop_sequences", _stops(self.stop_sequences))
-        if self.num_beams > 1 and (self.include_logprobs or self.include_ranks):
+        if self.num_beams > 1 and (
+            self.include_logprobs or self.include_ranks or self.top_logprobs
+        ):
             raise ValueError(
-                "`include_logprobs` / `include_ranks` are not available with `num_beams` > 1."
+                "`include_logprobs` / `include_ranks` / `top_logprobs` are not available with "
+                "`num_beams` > 1."
             )
 
     @classmethod

@@ -30,6 +30,8 @@ class TokenEvent:
     rank: int | None
     generated_tokens: int
     finish_reason: FinishReason | None
+    # The likeliest tokens at this step, (id, logprob) best first, when asked for.
+    top_logprobs: tuple[tuple[int, float], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,16 @@ def chat_prompt(tokenizer: PreTrainedTokenizerBase, text: str) -> str:
     )
 
 
+def chat_conversation(tokenizer: PreTrainedTokenizerBase, messages: list[dict]) -> str:
+    """`messages` ({"role", "content"} dicts) through the tokenizer's chat template,
+    ending with an open assistant turn."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise ValueError(
+            "this model's tokenizer has no chat template; send a plain prompt instead."
+        )
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+
+
 class RequestDecoder:
     """One request's side of decoding: turns each step's logits into a TokenEvent.
 
@@ -169,7 +181,8 @@ class RequestDecoder:
     def advance(self, logits: torch.Tensor) -> TokenEvent:
         """Choose the next token from `logits` (vocab,) and say what it means."""
         settings, assembler = self.settings, self.assembler
-        token, logprob, rank = self.chooser.choose(logits, self.sequence)
+        choice = self.chooser.choose(logits, self.sequence)
+        token = choice.token
         self.sequence.append(token)
         self.count += 1
         finish = None
@@ -191,10 +204,12 @@ class RequestDecoder:
                 finish = FinishReason.TOKEN_LIMIT
             if finish is not None:
                 text += assembler.finish()
-        details = settings.include_logprobs or settings.include_ranks
+        details = settings.include_logprobs or settings.include_ranks or settings.top_logprobs
         token_text = assembler.token_text(token) if details else None
         self.finished = finish is not None
-        return TokenEvent(token, text, token_text, logprob, rank, self.count, finish)
+        return TokenEvent(
+            token, text, token_text, choice.logprob, choice.rank, self.count, finish, choice.top
+        )
 
 
 def stream_generation(

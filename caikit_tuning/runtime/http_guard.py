@@ -10,6 +10,7 @@ refused reaches a handler or holds a thread.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hmac
 import json
 
@@ -36,6 +37,8 @@ class RequestGuard:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
+        # OpenAI's clients read refusals as OpenAI's error object.
+        reject = functools.partial(refuse, openai=str(scope.get("path", "")).startswith("/v1/"))
         limits = self.settings.limits
         headers = scope.get("headers") or []
         if len(headers) > limits.max_headers:
@@ -143,11 +146,16 @@ def excerpt(text: str, limit: int = EXCERPT_CHARS) -> str:
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
-async def reject(send, status: int, details: str, extra_headers=()) -> None:
-    """Answer `status` with a JSON error. The connection stays open, so uvicorn reads
-    and discards whatever body is still coming (the client then sees this answer
-    rather than a reset); a client too slow to finish its request is dropped."""
-    payload = json.dumps({"details": details, "code": status}).encode()
+async def refuse(send, status: int, details: str, extra_headers=(), openai: bool = False) -> None:
+    """Answer `status` with a JSON error (caikit's shape, or OpenAI's error object). The
+    connection stays open, so uvicorn reads and discards whatever body is still coming
+    (the client then sees this answer rather than a reset); a client too slow to finish
+    its request is dropped."""
+    error = {"details": details, "code": status}
+    if openai:
+        kind = "authentication_error" if status == 401 else "invalid_request_error"
+        error = {"error": {"message": details, "type": kind, "param": None, "code": status}}
+    payload = json.dumps(error).encode()
     close = [(b"connection", b"close")] if status == 408 else []
     await send(
         {

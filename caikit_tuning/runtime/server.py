@@ -4,6 +4,7 @@ caikit 0.29 binds gRPC to [::], HTTP to 0.0.0.0 and metrics to every interface; 
 all three listen on `runtime.bind_host` (default 127.0.0.1), and beyond loopback only
 with TLS or API keys. Both servers get a guard in front of every call (http_guard,
 grpc_guard), HTTP streams let go of their thread when the client does (streaming),
+OpenAI-compatible routes sit beside caikit's (openai_api),
 `/health` answers 503 while no inference thread is free, and shutdown ends within
 `runtime.shutdown_timeout_seconds` whatever the clients do.
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures
 import contextlib
+import faulthandler
 import functools
 import os
 import signal
@@ -116,6 +118,8 @@ def serve(config_file: str | None = None, host: str | None = None) -> None:
         log.info("HTTP listening on %s:%s", host, config.runtime.http.port)
     print(f"caikit_tuning runtime ready on {host}", flush=True)
 
+    # `kill -USR1 <pid>` writes every thread's stack to stderr: for a server that hangs.
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -154,6 +158,7 @@ def _start_http(settings):
 
     from .http_guard import RequestGuard, short_validation_errors
     from .http_protocol import GuardedH11Protocol
+    from .openai_api import add_openai_routes
 
     GuardedH11Protocol.limits = settings.limits
     patch_http_server()
@@ -161,6 +166,7 @@ def _start_http(settings):
     http_server.server.config.host = settings.host
     http_server.app.add_middleware(RequestGuard, settings=settings)
     short_validation_errors(http_server.app)
+    add_openai_routes(http_server.app, http_server.thread_pool)
     http_server.start(blocking=False)
     return http_server
 

@@ -94,6 +94,14 @@ def test_serving_adapters_benchmark_smoke(tmp_path):
         assert result["memory_ratio"] > 0 and result["concurrent_over_base_alone"] > 0
 
 
+def test_openai_routes_benchmark_smoke(tmp_path):
+    summary = run_benchmark(
+        "openai_routes.py", tmp_path, "--requests", "8", "--repeats", "1", "--new-tokens", "3"
+    )
+    assert summary["errors"] == {"caikit": 0, "openai": 0}
+    assert summary["openai_over_caikit"] > 0
+
+
 def test_generation_speed_benchmark_smoke(tmp_path):
     summary = run_benchmark(
         "generation_speed.py", tmp_path, "--repeats", "1", "--max-new-tokens", "4"

@@ -93,3 +93,28 @@ def test_requests_read_as_caikit_nlp_clients_mean_them():
     assert zeros == GenerationSettings(decoding_method="SAMPLING")
     with pytest.raises(ValueError, match="only apply to decoding_method SAMPLING"):
         GenerationSettings(top_k=5)
+
+
+def test_openai_penalties_lower_the_scores_of_generated_tokens():
+    import torch
+
+    from caikit_tuning.generation.decoding import OccurrencePenalty, TokenChooser
+
+    scores = torch.zeros(1, 6)
+    prompt_and_generated = torch.tensor([[3, 3, 1, 1, 1, 4]])  # prompt [3, 3], then 1, 1, 1, 4
+    penalized = OccurrencePenalty(2, presence=0.5, frequency=0.25)(prompt_and_generated, scores)
+    # Token 1: once present (0.5) + three times (0.75); token 4: 0.5 + 0.25; token 3 only
+    # in the prompt.
+    assert penalized[0].tolist() == [0.0, -1.25, 0.0, 0.0, -0.75, 0.0]
+
+    settings = GenerationSettings(frequency_penalty=2.0, top_logprobs=3, include_logprobs=True)
+    chooser = TokenChooser(settings, prompt_ids=[0], eos_ids=[], seed=0)
+    logits = torch.tensor([0.0, 3.0, 2.0, 1.0, -1.0])
+    assert chooser.choose(logits, [0]).token == 1
+    choice = chooser.choose(logits, [0, 1, 1])  # 1 was generated twice: 3 - 4 < 2
+    assert choice.token == 2
+    # Log-probabilities are the model's own, before penalties, best first.
+    assert [token for token, _ in choice.top] == [1, 2, 3]
+    assert choice.logprob == pytest.approx(float(torch.log_softmax(logits, -1)[2]))
+    with pytest.raises(ValueError, match="presence_penalty"):
+        GenerationSettings(presence_penalty=2.5)

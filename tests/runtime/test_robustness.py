@@ -371,6 +371,22 @@ def test_api_keys_are_required_on_both_transports(guarded):
     assert keyed.generate("base", "x", max_new_tokens=1)["generated_tokens"] == 1
 
 
+def test_the_openai_routes_need_the_key_too(guarded):
+    import openai
+
+    url = f"http://127.0.0.1:{guarded.http_port}/v1"
+    with pytest.raises(openai.AuthenticationError) as refused:
+        openai.OpenAI(base_url=url, api_key="x" * 24, max_retries=0).models.list()
+    assert "API key" in refused.value.message
+    keyed = openai.OpenAI(base_url=url, api_key=API_KEY, max_retries=0)
+    assert [model.id for model in keyed.models.list()] == ["base"]
+    answer = keyed.completions.create(model="base", prompt="x", max_tokens=1, temperature=0)
+    assert answer.usage.completion_tokens == 1
+    with pytest.raises(openai.APIStatusError) as too_large:
+        keyed.completions.create(model="base", prompt="x" * (5 * 2**20), max_tokens=1)
+    assert too_large.value.status_code == 413
+
+
 def test_service_names_follow_the_environment_and_the_client_follows_them(guarded):
     from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
         ProtoReflectionDescriptorDatabase,
