@@ -24,6 +24,7 @@ import random
 import signal
 import socket
 import struct
+import subprocess
 import tempfile
 import threading
 import time
@@ -349,7 +350,16 @@ def main() -> None:
             lingering = [_open_unread_stream(server.http_port) for _ in range(8)]
             began = time.monotonic()
             server.process.send_signal(signal.SIGTERM)
-            server.process.wait(timeout=60)
+            try:
+                server.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                # Where it hangs: the server dumps every thread's stack on SIGUSR1.
+                server.process.send_signal(signal.SIGUSR1)
+                time.sleep(2)
+                log = server.log_file.read_text(errors="replace")
+                raise SystemExit(
+                    f"the server did not exit after SIGTERM:\n{log[-12000:]}"
+                ) from None
             shutdown = round(time.monotonic() - began, 2)
             for sock in lingering:
                 sock.close()

@@ -25,6 +25,8 @@ def summarize(runs: dict[str, list[dict]], peaks: dict, config: dict) -> dict:
                 4,
             ),
             "peak_rss_mb": round(statistics.median(r["peak_rss_mb"] for r in results), 1),
+            "peak_gpu_mb": _median_or_none([r.get("peak_gpu_mb") for r in results]),
+            "call_seconds": round(statistics.median(r["call_seconds"] for r in results), 2),
             "seconds_to_first_step": round(
                 statistics.median(r["wall_seconds_to_first_step"] for r in results), 2
             ),
@@ -39,6 +41,7 @@ def summarize(runs: dict[str, list[dict]], peaks: dict, config: dict) -> dict:
         key: round(project[key] / baseline[key], 3)
         for key in (
             "tokens_per_second",
+            "call_seconds",
             "peak_rss_mb",
             "seconds_to_first_step",
             "final_loss",
@@ -49,13 +52,19 @@ def summarize(runs: dict[str, list[dict]], peaks: dict, config: dict) -> dict:
     return summary
 
 
+def _median_or_none(values: list) -> float | None:
+    values = [v for v in values if v is not None]
+    return round(statistics.median(values), 1) if values else None
+
+
 def markdown(summary: dict, title: str) -> str:
     p, b, r = summary["project"], summary["baseline"], summary["ratios"]
     c = summary["config"]
     lines = [
         f"# {title}",
         "",
-        f"Model `{c['model']}`, {c['steps']} steps x batch {c['batch_size']}, lr {c['learning_rate']}, "
+        f"Model `{c['model']}`, workload `{c.get('workload', 'short')}` (targets up to "
+        f"{c.get('max_target_length', 8)} tokens), {c['steps']} steps x batch {c['batch_size']}, lr {c['learning_rate']}, "
         f"{c['num_virtual_tokens']} virtual tokens, {c['threads']} threads, median of {c['repeats']} runs. "
         f"torch.mm peak: {summary['matmul_peak_gflops']} GFLOP/s."
         + (
@@ -68,11 +77,17 @@ def markdown(summary: dict, title: str) -> str:
         "| --- | --- | --- | --- |",
         f"| train tokens/s (real tokens) | {p['tokens_per_second']} | {b['tokens_per_second']} | {r['tokens_per_second']} |",
         f"| padding share of processed positions | {p['padding_fraction']:.1%} | {b['padding_fraction']:.1%} | |",
+        f"| whole train() call, s (baseline: from after its model load) | {p['call_seconds']} | {b['call_seconds']} | {r['call_seconds']} (speed-up {round(1 / r['call_seconds'], 2)}x) |",
         f"| peak RSS (MB) | {p['peak_rss_mb']} | {b['peak_rss_mb']} | {r['peak_rss_mb']} |",
         f"| seconds to first step | {p['seconds_to_first_step']} | {b['seconds_to_first_step']} | {r['seconds_to_first_step']} |",
         f"| final train loss (last 10 steps) | {p['final_loss']} | {b['final_loss']} | {r['final_loss']} |",
         f"| held-out loss | {p['heldout_loss']} | {b['heldout_loss']} | {r['heldout_loss']} |",
-        f"| useful GFLOP/s | {p['useful_gflops']} | {b['useful_gflops']} | |",
+        *(
+            [f"| peak GPU memory (MB) | {p['peak_gpu_mb']} | {b['peak_gpu_mb']} | |"]
+            if p.get("peak_gpu_mb") is not None
+            else []
+        ),
+        f"| useful GFLOP/s (4 x parameters x real tokens / s) | {p['useful_gflops']} | {b['useful_gflops']} | |",
         f"| share of bf16 matmul peak | {p['useful_fraction_of_bf16_peak']:.1%} | {b['useful_fraction_of_bf16_peak']:.1%} | |",
         "",
     ]

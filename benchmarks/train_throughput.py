@@ -42,19 +42,25 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def heldout_loss(peft_model, tokenizer, rows: list[dict], max_source_length: int) -> float:
+def peak_gpu_mb() -> float | None:
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else None
+
+
+def heldout_loss(peft_model, tokenizer, rows: list[dict], config: dict) -> float:
     """Mean token cross-entropy of the targets of `rows`, through a PEFT model."""
     import torch
 
     from caikit_tuning.data import Verbalizer, tokenize_examples
 
-    verbalizer = Verbalizer.parse(VERBALIZER)
+    verbalizer = Verbalizer.parse(config["verbalizer"])
     examples = tokenize_examples(
         tokenizer,
         [verbalizer.render(r) for r in rows],
         [r["output"] for r in rows],
-        max_source_length,
-        8,
+        config["max_source_length"],
+        config["max_target_length"],
     )
     peft_model.eval()
     total, count = 0.0, 0
@@ -72,6 +78,26 @@ PROMPT = {
     "num_virtual_tokens": 20,
     "init_text": "Classify the sentiment of the movie review as positive or negative.",
 }
+
+# What is trained: classification snippets (a one-word answer) or instruction-style
+# answers of 100+ tokens. "long" answers each review with the reviews that follow it in
+# the bundled file (real text, cut to --long-target-tokens): for speed, not for quality.
+WORKLOADS = {
+    "short": {"verbalizer": VERBALIZER, "max_target_length": 8},
+    "long": {
+        "verbalizer": "Review: {{input}}\nWrite more reviews like this one:",
+        "max_target_length": 160,
+    },
+}
+
+
+def workload_rows(rows: list[dict], workload: str, count: int) -> list[dict]:
+    if workload == "short":
+        return rows[:count]
+    return [
+        {"input": row["input"], "output": " ".join(r["input"] for r in rows[i + 1 : i + 9])}
+        for i, row in enumerate(rows[:count])
+    ]
 
 
 # -------------------------------------------------------------------- workers
@@ -96,29 +122,31 @@ def run_project(config: dict) -> dict:
             prompt_tuning_init_method="TEXT",
             prompt_tuning_init_text=config["init_text"],
         ),
-        verbalizer=VERBALIZER,
+        verbalizer=config["verbalizer"],
         num_epochs=1,
         batch_size=config["batch_size"],
         learning_rate=config["learning_rate"],
         max_source_length=config["max_source_length"],
-        max_target_length=8,
+        max_target_length=config["max_target_length"],
         seed=config["seed"],
         silence_progress_bars=True,
         torch_dtype=config.get("torch_dtype"),
         optimization={"torch_compile": config.get("torch_compile", False)},
+        device=config["device"],
     )
     train_call = time.perf_counter() - started
     rss = peak_rss_mb()  # before the evaluation below loads a second copy of the model
+    gpu = peak_gpu_mb()
     info = model.training_config
     losses = [e["loss"] for e in model.training_logs if "loss" in e]
     with tempfile.TemporaryDirectory() as folder:
         model.save(folder)
         base = AutoModelForCausalLM.from_pretrained(config["model_folder"], dtype=torch.float32)
         peft_model = PeftModel.from_pretrained(base, folder)
-        loss = heldout_loss(
-            peft_model, model.base.tokenizer, config["eval_rows"], config["max_source_length"]
-        )
+        loss = heldout_loss(peft_model, model.base.tokenizer, config["eval_rows"], config)
     return {
+        # The whole train() call: model load, tokenizing, the loop, the summary.
+        "call_seconds": train_call,
         "train_seconds": info["seconds"],
         "real_tokens": info["real_tokens"],
         "padded_tokens": info["padded_tokens"],
@@ -128,6 +156,7 @@ def run_project(config: dict) -> dict:
         "final_loss": statistics.mean(losses[-10:]),
         "heldout_loss": loss,
         "peak_rss_mb": rss,
+        "peak_gpu_mb": gpu,
         "parameters": sum(p.numel() for p in model.base.model.parameters()),
     }
 
@@ -155,14 +184,15 @@ def run_baseline(config: dict) -> dict:
         prompt_tuning_init_text=config["init_text"],
         tokenizer_name_or_path=config["model_folder"],
     )
+    # The whole call is timed from here: the model load is left out of the baseline's.
+    loaded = time.perf_counter()
     model = get_peft_model(model, peft_config)
 
     def encode(row: dict) -> dict:
-        source = tokenizer(VERBALIZER.replace("{{input}}", row["input"]))["input_ids"]
+        source = tokenizer(config["verbalizer"].replace("{{input}}", row["input"]))["input_ids"]
         source = source[-config["max_source_length"] :]
-        target = tokenizer(row["output"], add_special_tokens=False)["input_ids"] + [
-            tokenizer.eos_token_id
-        ]
+        target = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
+        target = target[: config["max_target_length"] - 1] + [tokenizer.eos_token_id]
         return {
             "input_ids": source + target,
             "attention_mask": [1] * (len(source) + len(target)),
@@ -198,7 +228,9 @@ def run_baseline(config: dict) -> dict:
             logging_steps=1,
             save_strategy="no",
             report_to=[],
-            use_cpu=True,
+            use_cpu=config["device"] == "cpu",
+            # On a GPU, the mixed precision a user would ask Trainer for.
+            bf16=config["device"] != "cpu",
             seed=config["seed"],
             disable_tqdm=True,
         )
@@ -210,20 +242,22 @@ def run_baseline(config: dict) -> dict:
             callbacks=[Timer()],
         )
         trainer.train()
-    seconds = time.perf_counter() - timing["begin"]
-    rss = peak_rss_mb()
+    finished = time.perf_counter()
+    seconds = finished - timing["begin"]
+    rss, gpu = peak_rss_mb(), peak_gpu_mb()
+    model.to("cpu")  # the held-out loss below runs on the CPU, as the project's does
     losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
     return {
+        "call_seconds": finished - loaded,
         "train_seconds": seconds,
         "real_tokens": counts["real"],
         "padded_tokens": counts["padded"],
         "wall_seconds_to_first_step": timing["first_step"] - started,
         "steps": trainer.state.global_step,
         "final_loss": statistics.mean(losses[-10:]),
-        "heldout_loss": heldout_loss(
-            model, tokenizer, config["eval_rows"], config["max_source_length"]
-        ),
+        "heldout_loss": heldout_loss(model, tokenizer, config["eval_rows"], config),
         "peak_rss_mb": rss,
+        "peak_gpu_mb": gpu,
         "parameters": sum(p.numel() for p in model.get_base_model().parameters()),
     }
 
@@ -235,19 +269,24 @@ from train_report import markdown, summarize  # noqa: E402  (next to this script
 # ----------------------------------------------------------------- orchestration
 
 
-def matmul_peak_gflops(threads: int) -> dict:
+def matmul_peak_gflops(threads: int, device: str = "cpu") -> dict:
     import torch
 
     torch.set_num_threads(threads)
+    size = 2048 if device == "cpu" else 8192
+    sync = torch.cuda.synchronize if device != "cpu" else (lambda: None)
     peaks = {}
     for dtype in (torch.float32, torch.bfloat16):
-        a, b = torch.randn(2048, 2048, dtype=dtype), torch.randn(2048, 2048, dtype=dtype)
+        a = torch.randn(size, size, dtype=dtype, device=device)
+        b = torch.randn(size, size, dtype=dtype, device=device)
         torch.mm(a, b)
         best = 0.0
         for _ in range(5):
+            sync()
             begin = time.perf_counter()
             torch.mm(a, b)
-            best = max(best, 2 * 2048**3 / (time.perf_counter() - begin) / 1e9)
+            sync()
+            best = max(best, 2 * size**3 / (time.perf_counter() - begin) / 1e9)
         peaks[str(dtype).removeprefix("torch.")] = round(best, 1)
     return peaks
 
@@ -289,6 +328,8 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-rows", type=int, default=100)
+    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="short")
+    parser.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
     parser.add_argument(
         "--torch-dtype",
         default=None,
@@ -318,10 +359,15 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         model, folder = resolve_model(args.model, Path(workdir))
-        train = read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl")[
-            : args.steps * args.batch_size
-        ]
-        test = read_records_file(ROOT / "data" / "rt_sentiment_test.jsonl")[: args.eval_rows]
+        count = args.steps * args.batch_size
+        train = workload_rows(
+            read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl"), args.workload, count
+        )
+        test = workload_rows(
+            read_records_file(ROOT / "data" / "rt_sentiment_test.jsonl"),
+            args.workload,
+            args.eval_rows,
+        )
         config = {
             "model": model,
             "model_folder": folder,
@@ -334,6 +380,9 @@ def main() -> None:
             "seed": 42,
             "torch_dtype": args.torch_dtype,
             "torch_compile": args.torch_compile,
+            "workload": args.workload,
+            "device": args.device,
+            **WORKLOADS[args.workload],
             **PROMPT,
             "train_rows": train,
             "eval_rows": test,
@@ -373,7 +422,7 @@ def main() -> None:
                     f"rss {result['peak_rss_mb']:.0f} MB",
                     flush=True,
                 )
-        summary = summarize(runs, matmul_peak_gflops(args.threads), config)
+        summary = summarize(runs, matmul_peak_gflops(args.threads, args.device), config)
     stem = args.name or f"train_throughput_{Path(args.model).name}"
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)

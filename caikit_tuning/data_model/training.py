@@ -33,6 +33,8 @@ class PromptTuningInitMethod(Enum):
     TEXT = 1
     ONLY_SOURCE_SHARED = 2
     AVERAGE_SOURCE = 3
+    # The training outputs' (class labels') token embeddings, then sampled vocabulary.
+    LABELS = 4
 
 
 @dataobject(package=PACKAGE)
@@ -48,8 +50,9 @@ class PromptOutputModelType(Enum):
 class TuningConfig(DataObjectBase):
     """How the soft prompt is shaped and initialised.
 
-    prompt_tuning_init_method takes a PromptTuningInitMethod name (RANDOM, TEXT,
+    prompt_tuning_init_method takes a PromptTuningInitMethod name (RANDOM, TEXT, LABELS,
     ONLY_SOURCE_SHARED, AVERAGE_SOURCE; AVERAGE_SOURCE_TASKS is accepted as an alias).
+    LABELS starts from the token embeddings of the training outputs (the class labels).
     output_model_types takes PromptOutputModelType names (DECODER, ENCODER).
     num_ranks is the rank of the task-specific update (MULTITASK_PROMPT_TUNING only).
     """

@@ -102,6 +102,14 @@ def test_openai_routes_benchmark_smoke(tmp_path):
     assert summary["openai_over_caikit"] > 0
 
 
+def test_init_methods_benchmark_smoke(tmp_path):
+    summary = run_benchmark(
+        "init_methods.py", tmp_path, "--records", "16", "--eval-rows", "4", "--seeds", "0"
+    )
+    assert [run["method"] for run in summary["runs"]] == ["RANDOM", "TEXT", "LABELS"]
+    assert all(0 <= run["accuracy"] <= 1 for run in summary["runs"])
+
+
 def test_generation_speed_benchmark_smoke(tmp_path):
     summary = run_benchmark(
         "generation_speed.py", tmp_path, "--repeats", "1", "--max-new-tokens", "4"
@@ -160,3 +168,21 @@ def test_soak_ci_sized_keeps_every_good_request(tmp_path):
     bad = summary["misbehaving"]["bad"]
     assert set(bad["bad_sampling_values"]) == {"400"} and set(bad["oversized_body"]) == {"413"}
     assert summary["shutdown_seconds"] < 6
+
+
+def test_gpu_check_says_in_one_line_when_there_is_no_gpu():
+    import shutil
+
+    import torch
+
+    if torch.cuda.is_available() or shutil.which("nvidia-smi"):
+        import pytest
+
+        pytest.skip("a GPU machine: benchmarks/gpu_check.sh runs the real check there")
+    out = subprocess.run(
+        ["bash", "benchmarks/gpu_check.sh"], cwd=ROOT, capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines() == [
+        "gpu_check: no CUDA GPU on this machine (nvidia-smi finds none): the CUDA checks are skipped."
+    ]

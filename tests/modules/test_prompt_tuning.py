@@ -98,6 +98,30 @@ def test_text_init_starts_from_the_text_embeddings(tiny_llama, train_rows):
     assert torch.allclose(model.prompt.weight, expected.float(), atol=1e-5)
 
 
+def test_label_init_starts_from_the_labels_then_common_tokens(tiny_llama, train_rows):
+    from caikit_tuning.modules.prompt_tuning.soft_prompt import COMMON_TOKENS, label_token_ids
+
+    rows = train_rows[:8]
+    model = tune(
+        "tiny-llama",
+        rows,
+        n=8,
+        num_epochs=1,
+        learning_rate=1e-9,
+        tuning_config=TuningConfig(num_virtual_tokens=6, prompt_tuning_init_method="LABELS"),
+    )
+    tokenizer, embeddings = model.base.tokenizer, model.base.model.get_input_embeddings().weight
+    labels = label_token_ids(tokenizer, [row["output"] for row in rows])
+    assert 0 < len(labels) < 6
+    expected = embeddings[torch.tensor(labels)].float()
+    assert torch.allclose(model.prompt.weight[: len(labels)], expected, atol=1e-5)
+    # The rest are token embeddings too, from the vocabulary's first (common) tokens.
+    common = embeddings[: min(COMMON_TOKENS, embeddings.shape[0])].float()
+    for row in model.prompt.weight[len(labels) :]:
+        assert torch.isclose(common, row, atol=1e-5).all(dim=1).any()
+    assert label_token_ids(tokenizer, ["b", "a", "a"])[0] == label_token_ids(tokenizer, ["a"])[0]
+
+
 def test_validation_loss_is_logged_per_epoch(tiny_llama, train_rows):
     model = tune(
         "tiny-llama",

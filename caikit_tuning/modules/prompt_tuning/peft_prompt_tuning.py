@@ -123,7 +123,8 @@ class PeftPromptTuning(ModuleBase):
         """Learn a soft prompt for `base_model` from input/output records.
 
         Args:
-            tuning_config: num_virtual_tokens, init method (RANDOM, TEXT or, for multitask
+            tuning_config: num_virtual_tokens, init method (RANDOM, TEXT, LABELS: the
+                outputs' token embeddings, or, for multitask
                 prompt tuning, ONLY_SOURCE_SHARED / AVERAGE_SOURCE), init text, source model,
                 output_model_types (DECODER; for seq2seq ENCODER, DECODER or both) and
                 num_ranks (multitask).
@@ -141,7 +142,10 @@ class PeftPromptTuning(ModuleBase):
         seed_everything(plan.training.seed)
         base = plan.load_base()
         generator = torch.Generator().manual_seed(plan.training.seed)
-        start = initial_weight(base.model, base.tokenizer, settings, generator)  # (rows, hidden)
+        outputs = [str(record.get("output", "")) for record in records]
+        start = initial_weight(
+            base.model, base.tokenizer, settings, generator, outputs
+        )  # (rows, hidden)
         tasks = task_names(records)
         check_tasks(tasks, settings)
         if settings.multitask:

@@ -92,7 +92,7 @@ class PromptTuningSettings:
             raise ValueError(
                 f"`tuning_config.prompt_tuning_init_method` {method.name} initialises from a "
                 "multitask source prompt and needs tuning_type MULTITASK_PROMPT_TUNING; use "
-                "RANDOM or TEXT with PROMPT_TUNING."
+                "RANDOM, TEXT or LABELS with PROMPT_TUNING."
             )
         if method in _SOURCE_METHODS and not source:
             raise ValueError(

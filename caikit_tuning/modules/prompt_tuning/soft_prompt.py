@@ -42,16 +42,29 @@ class SoftPrompt(torch.nn.Module):
         )
 
 
+# LABELS init fills the virtual tokens the labels leave from the first (for byte-pair
+# vocabularies, the most frequent) tokens of the vocabulary, as Lester et al. (2021)
+# sampled from the 5,000 most common ones.
+COMMON_TOKENS = 5000
+
+
 def initial_weight(
     model: PreTrainedModel,
     tokenizer: PreTrainedTokenizerBase,
     settings: PromptTuningSettings,
     generator: torch.Generator,
+    outputs: list[str] = (),
 ) -> torch.Tensor:
-    """The starting prompt, (num_virtual_tokens * placements, hidden), float32 on CPU."""
+    """The starting prompt, (num_virtual_tokens * placements, hidden), float32 on CPU.
+    `outputs`: the training records' outputs (LABELS init)."""
     embeddings = model.get_input_embeddings().weight.detach().float().cpu()  # (vocab, hidden)
     count = settings.num_virtual_tokens
-    if settings.init_method == PromptTuningInitMethod.TEXT:
+    if settings.init_method == PromptTuningInitMethod.LABELS:
+        ids = label_token_ids(tokenizer, outputs)[:count]
+        common = min(COMMON_TOKENS, embeddings.shape[0])
+        fill = torch.randint(0, common, (count - len(ids),), generator=generator).tolist()
+        one = embeddings[torch.tensor(ids + fill, dtype=torch.long)]
+    elif settings.init_method == PromptTuningInitMethod.TEXT:
         ids = tokenizer(settings.init_text, add_special_tokens=False)["input_ids"]
         if not ids:
             raise ValueError("`tuning_config.prompt_tuning_init_text` tokenizes to nothing.")
@@ -64,6 +77,26 @@ def initial_weight(
         std = embeddings.std().item()
         one = torch.randn(count, embeddings.shape[1], generator=generator) * std
     return one.repeat(len(settings.placements), 1).clone()
+
+
+def label_token_ids(tokenizer: PreTrainedTokenizerBase, outputs: list[str]) -> list[int]:
+    """The distinct tokens of the outputs (as they follow a space, where a verbalizer puts
+    them), the most frequent outputs first."""
+    counts: dict[str, int] = {}
+    for output in outputs:
+        label = output.strip()
+        if label:
+            counts[label] = counts.get(label, 0) + 1
+    ids: list[int] = []
+    for label in sorted(counts, key=lambda label: -counts[label]):
+        for token in tokenizer(" " + label, add_special_tokens=False)["input_ids"]:
+            if token not in ids:
+                ids.append(token)
+    if not ids:
+        raise ValueError(
+            "`tuning_config.prompt_tuning_init_method` LABELS needs records with non-empty outputs."
+        )
+    return ids
 
 
 def save_adapter(
