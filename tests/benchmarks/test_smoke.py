@@ -96,7 +96,10 @@ def test_serving_adapters_benchmark_smoke(tmp_path):
 
 def test_openai_routes_benchmark_smoke(tmp_path):
     summary = run_benchmark(
-        "openai_routes.py", tmp_path, "--requests", "8", "--repeats", "1", "--new-tokens", "3"
+        "openai_routes.py",
+        tmp_path,
+        *("--requests", "4", "--clients", "2"),
+        *("--repeats", "1", "--new-tokens", "2"),
     )
     assert summary["errors"] == {"caikit": 0, "openai": 0}
     assert summary["openai_over_caikit"] > 0
@@ -123,11 +126,11 @@ def test_load_test_ci_sized_has_no_errors(tmp_path):
             sys.executable,
             "benchmarks/load_test.py",
             "--requests",
-            "120",
+            "64",
             "--concurrency",
             "16",
             "--jobs",
-            "3",
+            "2",
             "--results-dir",
             str(tmp_path),
         ],
@@ -139,7 +142,7 @@ def test_load_test_ci_sized_has_no_errors(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "load_test.json").read_text())
     assert summary["rest"]["errors"] == 0 and summary["grpc"]["errors"] == 0, summary
-    assert summary["training"]["completed"] == 3 and summary["training"]["most_queued_at_once"] >= 1
+    assert summary["training"]["completed"] == 2 and summary["training"]["most_queued_at_once"] >= 1
 
 
 def test_soak_ci_sized_keeps_every_good_request(tmp_path):
