@@ -119,7 +119,11 @@ def start(request: OpenAIRequest) -> tuple[Reply, list[Run]]:
 
 def answer(request: OpenAIRequest) -> dict:
     reply, runs = start(request)
-    return reply.whole(runs)
+    try:
+        return reply.whole(runs)
+    finally:  # one answer that fails (non-finite scores) ends the others too
+        for run in runs:
+            run.events.cancel()
 
 
 # ------------------------------------------------------------------ models
