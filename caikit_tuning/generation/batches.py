@@ -42,6 +42,22 @@ class Row:
 Advance = Callable[[object, torch.Tensor], object]
 
 
+def advance_rows(rows: list[Row], logits: torch.Tensor, advance: Advance) -> list[int]:
+    """Each running row's next token, from its logits (rows, vocab); returns the indices
+    of the rows that go on (neither cancelled, failed nor finished), whose last token and
+    position move on."""
+    keep = []
+    for index, row in enumerate(rows):
+        if row.request.cancelled.is_set():
+            continue
+        event = advance(row.request, logits[index])
+        if event is not None and not row.request.decoder.finished:
+            row.position += 1
+            row.last_token = event.token_id
+            keep.append(index)
+    return keep
+
+
 def _slots(requests) -> torch.Tensor | None:
     """Each row's adapter slot, or None when no row has an adapter."""
     slots = [request.slot for request in requests]
@@ -212,15 +228,7 @@ class CausalBatch:
             )
         self.attention.cache = out.cache
         logits = out.logits[:, -1].float().cpu()  # (rows, vocab)
-        keep = []
-        for index, row in enumerate(rows):
-            if row.request.cancelled.is_set():
-                continue
-            event = self.advance(row.request, logits[index])
-            if event is not None and not row.request.decoder.finished:
-                row.position += 1
-                row.last_token = event.token_id
-                keep.append(index)
+        keep = advance_rows(rows, logits, self.advance)
         if len(keep) != len(rows):
             self._keep(keep)
 
@@ -339,14 +347,7 @@ class Seq2SeqBatch:
         self.attention.cache = out.cache.self_attention_cache
         self.cross = out.cache.cross_attention_cache
         logits = out.logits[:, -1].float().cpu()
-        keep = []
-        for index, row in enumerate(rows):
-            if row.request.cancelled.is_set():
-                continue
-            event = self.advance(row.request, logits[index])
-            if event is not None and not row.request.decoder.finished:
-                row.last_token = event.token_id
-                keep.append(index)
+        keep = advance_rows(rows, logits, self.advance)
         if len(keep) != len(rows):
             self._keep(keep)
 
