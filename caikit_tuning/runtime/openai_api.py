@@ -21,10 +21,10 @@ from typing import Any
 
 import alog
 from caikit.interfaces.nlp.data_model import FinishReason
+from caikit.runtime.names import STATUS_CODE_TO_HTTP
 from caikit.runtime.types.caikit_runtime_exception import CaikitRuntimeException
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from grpc import StatusCode
 
 from ..generation.api import request_settings
 from ..generation.settings import MAX_COUNT
@@ -51,15 +51,6 @@ _FINISH = {
     FinishReason.MAX_TOKENS: "length",
     FinishReason.TOKEN_LIMIT: "length",
     FinishReason.TIME_LIMIT: "length",
-}
-_STATUS = {
-    StatusCode.INVALID_ARGUMENT: 400,
-    StatusCode.NOT_FOUND: 404,
-    StatusCode.RESOURCE_EXHAUSTED: 429,
-    StatusCode.UNAUTHENTICATED: 401,
-    StatusCode.PERMISSION_DENIED: 403,
-    StatusCode.DEADLINE_EXCEEDED: 504,
-    StatusCode.UNAVAILABLE: 503,
 }
 
 
@@ -403,7 +394,9 @@ def _as_openai_error(err: Exception) -> OpenAIError:
     if isinstance(err, OpenAIError):
         return err
     if isinstance(err, CaikitRuntimeException):
-        return OpenAIError(_STATUS.get(err.status_code, 500), public_text(str(err.message)))
+        return OpenAIError(
+            STATUS_CODE_TO_HTTP.get(err.status_code, 500), public_text(str(err.message))
+        )
     if isinstance(err, (ValueError, TypeError)):
         return from_settings_error(ValueError(public_text(str(err))))
     log.error("OpenAI route failed", exc_info=True)
