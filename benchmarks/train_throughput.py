@@ -14,6 +14,7 @@ evaluation for both), and useful FLOP/s (4 x parameters x real tokens / s: a for
 and an input-gradient backward) against the machine's torch.mm peak.
 
     python benchmarks/train_throughput.py --model SmolLM2-135M-Instruct --steps 50
+    python benchmarks/train_throughput.py --workload short long --steps 20 10 --repeats 2
     python benchmarks/train_throughput.py --model tiny --steps 20 --repeats 1   # smoke
 """
 
@@ -103,20 +104,15 @@ def workload_rows(rows: list[dict], workload: str, count: int) -> list[dict]:
 # -------------------------------------------------------------------- workers
 
 
-def run_project(config: dict) -> dict:
-    import torch
+def train_project(config: dict):
+    """`PeftPromptTuning.train` on the benchmark's job: the trained module."""
     from caikit.core.data_model import DataStream
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM
 
     from caikit_tuning import PeftPromptTuning, TuningConfig
 
-    torch.set_num_threads(config["threads"])
-    rows = config["train_rows"]
-    started = time.perf_counter()
-    model = PeftPromptTuning.train(
+    return PeftPromptTuning.train(
         base_model=config["model"],
-        train_stream=DataStream.from_iterable(rows),
+        train_stream=DataStream.from_iterable(config["train_rows"]),
         tuning_config=TuningConfig(
             num_virtual_tokens=config["num_virtual_tokens"],
             prompt_tuning_init_method="TEXT",
@@ -134,6 +130,16 @@ def run_project(config: dict) -> dict:
         optimization={"torch_compile": config.get("torch_compile", False)},
         device=config["device"],
     )
+
+
+def run_project(config: dict) -> dict:
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    torch.set_num_threads(config["threads"])
+    started = time.perf_counter()
+    model = train_project(config)
     train_call = time.perf_counter() - started
     rss = peak_rss_mb()  # before the evaluation below loads a second copy of the model
     gpu = peak_gpu_mb()
@@ -163,102 +169,27 @@ def run_project(config: dict) -> dict:
 
 def run_baseline(config: dict) -> dict:
     import torch
-    from peft import PromptTuningConfig, PromptTuningInit, TaskType, get_peft_model
-    from transformers import (
-        AutoModelForCausalLM,
-        AutoTokenizer,
-        DataCollatorForSeq2Seq,
-        Trainer,
-        TrainerCallback,
-        TrainingArguments,
-    )
+    from peft_baseline import train_baseline  # next to this script
 
     torch.set_num_threads(config["threads"])
     started = time.perf_counter()
-    tokenizer = AutoTokenizer.from_pretrained(config["model_folder"])
-    model = AutoModelForCausalLM.from_pretrained(config["model_folder"], dtype=torch.float32)
-    peft_config = PromptTuningConfig(
-        task_type=TaskType.CAUSAL_LM,
-        num_virtual_tokens=config["num_virtual_tokens"],
-        prompt_tuning_init=PromptTuningInit.TEXT,
-        prompt_tuning_init_text=config["init_text"],
-        tokenizer_name_or_path=config["model_folder"],
-    )
-    # The whole call is timed from here: the model load is left out of the baseline's.
-    loaded = time.perf_counter()
-    model = get_peft_model(model, peft_config)
-
-    def encode(row: dict) -> dict:
-        source = tokenizer(config["verbalizer"].replace("{{input}}", row["input"]))["input_ids"]
-        source = source[-config["max_source_length"] :]
-        target = tokenizer(row["output"], add_special_tokens=False)["input_ids"]
-        target = target[: config["max_target_length"] - 1] + [tokenizer.eos_token_id]
-        return {
-            "input_ids": source + target,
-            "attention_mask": [1] * (len(source) + len(target)),
-            "labels": [-100] * len(source) + target,
-        }
-
-    dataset = [encode(row) for row in config["train_rows"]]
-    collator = DataCollatorForSeq2Seq(tokenizer, padding=True)
-    counts = {"real": 0, "padded": 0}
-
-    def counting_collator(features):
-        batch = collator(features)
-        real = int(batch["attention_mask"].sum())
-        counts["real"] += real
-        counts["padded"] += batch["attention_mask"].numel() - real
-        return batch
-
-    timing: dict = {}
-
-    class Timer(TrainerCallback):
-        def on_train_begin(self, *args, **kwargs):
-            timing["begin"] = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            timing.setdefault("first_step", time.perf_counter())
-
-    with tempfile.TemporaryDirectory() as output:
-        arguments = TrainingArguments(
-            output_dir=output,
-            per_device_train_batch_size=config["batch_size"],
-            learning_rate=config["learning_rate"],
-            max_steps=config["steps"],
-            logging_steps=1,
-            save_strategy="no",
-            report_to=[],
-            use_cpu=config["device"] == "cpu",
-            # On a GPU, the mixed precision a user would ask Trainer for.
-            bf16=config["device"] != "cpu",
-            seed=config["seed"],
-            disable_tqdm=True,
-        )
-        trainer = Trainer(
-            model=model,
-            args=arguments,
-            train_dataset=dataset,
-            data_collator=counting_collator,
-            callbacks=[Timer()],
-        )
-        trainer.train()
-    finished = time.perf_counter()
-    seconds = finished - timing["begin"]
+    run = train_baseline(config)
     rss, gpu = peak_rss_mb(), peak_gpu_mb()
-    model.to("cpu")  # the held-out loss below runs on the CPU, as the project's does
-    losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+    run.model.to("cpu")  # the held-out loss below runs on the CPU, as the project's does
+    losses = [e["loss"] for e in run.trainer.state.log_history if "loss" in e]
     return {
-        "call_seconds": finished - loaded,
-        "train_seconds": seconds,
-        "real_tokens": counts["real"],
-        "padded_tokens": counts["padded"],
-        "wall_seconds_to_first_step": timing["first_step"] - started,
-        "steps": trainer.state.global_step,
+        # The whole call is timed from after the model load: the baseline's load is left out.
+        "call_seconds": run.finished - run.loaded,
+        "train_seconds": run.finished - run.begin,
+        "real_tokens": run.tokens["real"],
+        "padded_tokens": run.tokens["padded"],
+        "wall_seconds_to_first_step": run.first_step - started,
+        "steps": run.trainer.state.global_step,
         "final_loss": statistics.mean(losses[-10:]),
-        "heldout_loss": heldout_loss(model, tokenizer, config["eval_rows"], config),
+        "heldout_loss": heldout_loss(run.model, run.tokenizer, config["eval_rows"], config),
         "peak_rss_mb": rss,
         "peak_gpu_mb": gpu,
-        "parameters": sum(p.numel() for p in model.get_base_model().parameters()),
+        "parameters": sum(p.numel() for p in run.model.get_base_model().parameters()),
     }
 
 
@@ -304,14 +235,16 @@ def resolve_model(name: str, workdir: Path) -> tuple[str, str]:
         rows = read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl")
         folder = build_tiny_llama(workdir / "tiny-llama", [r["input"] for r in rows[:1500]])
         return str(folder), str(folder)
-    folder = Path(caikit.get_config().base_models_dir) / name
+    folder = (ROOT / caikit.get_config().base_models_dir / name).resolve()
     if not folder.is_dir():
         from caikit_tuning.bundled.smollm2 import NAME, prepare_smollm2
 
         if name != NAME:
             raise SystemExit(f"no model folder {folder}")
         prepare_smollm2(folder.parent)
-    return name, str(folder.resolve())
+    # The configured folder is relative to the repository, not to where this runs.
+    caikit.configure(config_dict={"base_models_dir": str(folder.parent)})
+    return name, str(folder)
 
 
 def main() -> None:
@@ -321,14 +254,26 @@ def main() -> None:
     parser.add_argument(
         "--model", default="SmolLM2-135M-Instruct", help='a name under base_models_dir, or "tiny"'
     )
-    parser.add_argument("--steps", type=int, default=50)
+    parser.add_argument(
+        "--steps",
+        type=int,
+        nargs="+",
+        default=[50],
+        help="optimizer steps, one for all or per workload",
+    )
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--learning-rate", type=float, default=0.03)
     parser.add_argument("--max-source-length", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--eval-rows", type=int, default=100)
-    parser.add_argument("--workload", choices=sorted(WORKLOADS), default="short")
+    parser.add_argument(
+        "--workload",
+        nargs="+",
+        choices=sorted(WORKLOADS),
+        default=["short"],
+        help="one or more, run in turn",
+    )
     parser.add_argument("--device", default="cpu", help='"cpu" or "cuda"')
     parser.add_argument(
         "--torch-dtype",
@@ -340,7 +285,7 @@ def main() -> None:
         action="store_true",
         help="caikit_tuning's optimization.torch_compile (the baseline stays eager)",
     )
-    parser.add_argument("--name", help="results file stem (default: from the model)")
+    parser.add_argument("--name", help="results file stem (default: from the model and workload)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     parser.add_argument("--config-file", help=argparse.SUPPRESS)
@@ -351,6 +296,19 @@ def main() -> None:
         print("RESULT " + json.dumps(WORKERS[args.worker](config)), flush=True)
         return
 
+    if len(args.steps) not in (1, len(args.workload)):
+        raise SystemExit("--steps takes one number, or one per --workload")
+    steps = args.steps * len(args.workload) if len(args.steps) == 1 else args.steps
+    summaries = {w: measure(args, w, n) for w, n in zip(args.workload, steps, strict=True)}
+    if len(summaries) > 1:
+        table = overview(summaries, Path(args.model).name)
+        stem = f"{args.name or 'train_throughput'}_workloads_{Path(args.model).name}"
+        (Path(args.results_dir) / f"{stem}.md").write_text(table)
+        print(table)
+
+
+def measure(args, workload: str, steps: int) -> dict:
+    """Run project and baseline alternately on one workload; write and return the summary."""
     # The workers' environment as the user gave it: importing the project sets OpenMP
     # defaults (caikit_tuning/__init__) that the baseline's worker must not inherit.
     user_env = dict(os.environ)
@@ -359,19 +317,17 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as workdir:
         model, folder = resolve_model(args.model, Path(workdir))
-        count = args.steps * args.batch_size
+        count = steps * args.batch_size
         train = workload_rows(
-            read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl"), args.workload, count
+            read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl"), workload, count
         )
         test = workload_rows(
-            read_records_file(ROOT / "data" / "rt_sentiment_test.jsonl"),
-            args.workload,
-            args.eval_rows,
+            read_records_file(ROOT / "data" / "rt_sentiment_test.jsonl"), workload, args.eval_rows
         )
         config = {
             "model": model,
             "model_folder": folder,
-            "steps": args.steps,
+            "steps": steps,
             "batch_size": args.batch_size,
             "learning_rate": args.learning_rate,
             "max_source_length": args.max_source_length,
@@ -380,9 +336,9 @@ def main() -> None:
             "seed": 42,
             "torch_dtype": args.torch_dtype,
             "torch_compile": args.torch_compile,
-            "workload": args.workload,
+            "workload": workload,
             "device": args.device,
-            **WORKLOADS[args.workload],
+            **WORKLOADS[workload],
             **PROMPT,
             "train_rows": train,
             "eval_rows": test,
@@ -397,39 +353,56 @@ def main() -> None:
         }
         for repeat in range(args.repeats):
             for variant in ("project", "baseline"):
-                out = subprocess.run(
-                    [
-                        sys.executable,
-                        __file__,
-                        "--worker",
-                        variant,
-                        "--config-file",
-                        str(config_file),
-                    ],
-                    capture_output=True,
-                    text=True,
-                    env=env,
-                    cwd=ROOT,
-                )
+                command = [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    variant,
+                    "--config-file",
+                    str(config_file),
+                ]
+                out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
                 lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
                 if out.returncode != 0 or not lines:
                     raise SystemExit(f"{variant} run failed:\n{out.stderr[-3000:]}")
                 result = json.loads(lines[-1][len("RESULT ") :])
                 runs[variant].append(result)
                 print(
-                    f"repeat {repeat + 1} {variant:8}: {result['real_tokens'] / result['train_seconds']:7.1f} tokens/s, "
-                    f"loss {result['final_loss']:.4f}, held-out {result['heldout_loss']:.4f}, "
-                    f"rss {result['peak_rss_mb']:.0f} MB",
+                    f"{workload} repeat {repeat + 1} {variant:8}: "
+                    f"{result['real_tokens'] / result['train_seconds']:7.1f} tokens/s, "
+                    f"call {result['call_seconds']:.1f} s, loss {result['final_loss']:.4f}, "
+                    f"held-out {result['heldout_loss']:.4f}, rss {result['peak_rss_mb']:.0f} MB",
                     flush=True,
                 )
         summary = summarize(runs, matmul_peak_gflops(args.threads, args.device), config)
     stem = args.name or f"train_throughput_{Path(args.model).name}"
+    if len(args.workload) > 1 or workload != "short":
+        stem = f"{args.name or 'train_throughput'}_{workload}_{Path(args.model).name}"
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / f"{stem}.json").write_text(json.dumps(summary, indent=2) + "\n")
     table = markdown(summary, f"Prompt-tuning training throughput: {Path(args.model).name}")
     (results / f"{stem}.md").write_text(table)
     print(table)
+    return summary
+
+
+def overview(summaries: dict[str, dict], model: str) -> str:
+    """One line per workload of one invocation: the whole call and the steady state."""
+    lines = [
+        f"# Every workload in one run: {model}",
+        "",
+        "| workload | steps | whole train() call, s (project / baseline) | speed-up | steady tokens/s (project / baseline) | ratio |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    for workload, s in summaries.items():
+        p, b = s["project"], s["baseline"]
+        lines.append(
+            f"| {workload} | {s['config']['steps']} | {p['call_seconds']} / {b['call_seconds']} | "
+            f"{b['call_seconds'] / p['call_seconds']:.2f}x | {p['tokens_per_second']} / "
+            f"{b['tokens_per_second']} | {p['tokens_per_second'] / b['tokens_per_second']:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -105,12 +105,32 @@ def test_openai_routes_benchmark_smoke(tmp_path):
     assert summary["openai_over_caikit"] > 0
 
 
-def test_init_methods_benchmark_smoke(tmp_path):
+def test_prompt_quality_benchmark_smoke(tmp_path):
     summary = run_benchmark(
-        "init_methods.py", tmp_path, "--records", "16", "--eval-rows", "4", "--seeds", "0"
+        "prompt_quality.py",
+        tmp_path,
+        *("--sets", "question_type", "--inits", "RANDOM", "LABELS"),
+        *("--records", "16", "--eval-rows", "6", "--seeds", "0"),
     )
-    assert [run["method"] for run in summary["runs"]] == ["RANDOM", "TEXT", "LABELS"]
-    assert all(0 <= run["accuracy"] <= 1 for run in summary["runs"])
+    cells = [(c["init"], c["variant"]) for c in summary["cells"]]
+    # peft has no label init: the baseline runs RANDOM only.
+    assert cells == [
+        ("RANDOM", "project"),
+        ("RANDOM", "project_fp32"),
+        ("RANDOM", "baseline"),
+        ("LABELS", "project"),
+        ("LABELS", "project_fp32"),
+    ]
+    assert all(0 <= a <= 1 for c in summary["cells"] for a in c["accuracy"])
+
+
+def test_step_profile_benchmark_smoke(tmp_path):
+    summary = run_benchmark("step_profile.py", tmp_path, "--steps", "2")
+    assert summary["steps"] == 2
+    kinds = summary["kinds_ms_per_step"]
+    assert kinds["matrix products"] > 0
+    # The kinds add up to the step's wall time (what is left is outside operators).
+    assert sum(kinds.values()) >= 0.99 * summary["wall_ms_per_step"]
 
 
 def test_generation_speed_benchmark_smoke(tmp_path):
