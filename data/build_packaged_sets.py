@@ -81,6 +81,9 @@ def split(rows: list[dict], per_label: int, seed: int = 0) -> tuple[list[dict], 
             test.append(row)
         else:
             train.append(row)
+    # Shuffled again: the held-out rows of the rarer labels were taken later, so the
+    # training rows that came before them are all of the commoner labels.
+    random.Random(seed + 1).shuffle(train)
     return train, test
 
 
