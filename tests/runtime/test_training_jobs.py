@@ -91,7 +91,10 @@ def test_jobs_queue_behind_a_busy_slot(runtime, client):
     states = set()
     deadline = time.monotonic() + 120
     while True:
-        a, b = client.training_status(first)["state"], client.training_status(second)["state"]
+        # The second job's state first: once it runs, the first has ended, so a first
+        # read after it cannot be a stale RUNNING (the other order could).
+        b = client.training_status(second)["state"]
+        a = client.training_status(first)["state"]
         states.add((a, b))
         # One CPU slot: the second job never runs while the first one does.
         assert not (a == "RUNNING" and b == "RUNNING")
