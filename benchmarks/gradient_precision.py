@@ -68,7 +68,7 @@ def prompt_gradient(model, prompt, base_embeds, batch, bf16: bool):
     return prompt.grad.flatten()
 
 
-def compare(model, tokenizer, prompt, batches) -> dict:
+def compare(model, prompt, batches) -> dict:
     import torch.nn.functional as F
 
     embeds = model.get_input_embeddings()
@@ -121,7 +121,7 @@ def main() -> None:
     report = {
         "model": args.model,
         "set": args.set,
-        "at_init": compare(model, tokenizer, prompt, batches[:2]),
+        "at_init": compare(model, prompt, batches[:2]),
     }
     # A few Adam steps (lr 0.03, float32), then the same comparison on fresh batches.
     weight = torch.nn.Parameter(prompt.clone())
@@ -130,7 +130,7 @@ def main() -> None:
     for batch in batches[2:]:
         weight.grad = prompt_gradient(model, weight, embeds, batch, bf16=False).view_as(weight)
         optimizer.step()
-    report[f"after_{args.steps}_steps"] = compare(model, tokenizer, weight.detach(), batches[:2])
+    report[f"after_{args.steps}_steps"] = compare(model, weight.detach(), batches[:2])
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"gradient_precision_{args.set}.json").write_text(json.dumps(report, indent=2) + "\n")

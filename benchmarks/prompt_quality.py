@@ -60,8 +60,10 @@ SETS = {
 
 
 def read_rows(name: str) -> list[dict]:
-    with open(ROOT / "data" / name, encoding="utf-8") as handle:
-        return [json.loads(line) for line in handle if line.strip()]
+    """The records of a bundled data file (data/<name>)."""
+    from caikit_tuning.data import read_records_file
+
+    return read_records_file(ROOT / "data" / name)
 
 
 def balanced(rows: list[dict], count: int) -> list[dict]:

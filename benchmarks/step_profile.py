@@ -97,7 +97,8 @@ def profile(args) -> dict:
     for event in captured["profile"].key_averages():
         seconds = event.self_cpu_time_total / 1e6
         total_ops += seconds
-        by_kind[kind_of(event.key)] = by_kind.get(kind_of(event.key), 0.0) + seconds
+        kind = kind_of(event.key)
+        by_kind[kind] = by_kind.get(kind, 0.0) + seconds
         top.append((seconds, event.key, event.count))
     top.sort(reverse=True)
     wall = captured["wall"]
