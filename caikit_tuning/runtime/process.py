@@ -23,6 +23,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+class _PortTaken(RuntimeError):
+    """The server could not bind one of its ports."""
+
+
+_BIND_FAILURES = ("Failed to bind to address", "address already in use")
+
+
 def merge(base: dict, extra: dict) -> dict:
     """Deep-merge `extra` into `base` (in place) and return it."""
     for key, value in extra.items():
@@ -78,6 +85,32 @@ class RuntimeProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 120, env: dict[str, str] | None = None) -> RuntimeProcess:
+        """Start the server and wait until it is ready. A free port can be taken by another
+        process before the server binds it; then the server starts again on fresh ports."""
+        for attempt in range(3):
+            try:
+                return self._start(timeout, env)
+            except _PortTaken:
+                runtime = self.config["runtime"]
+                chosen_here = (self.grpc_port, self.http_port, self.metrics_port) == (
+                    runtime["grpc"]["port"],
+                    runtime["http"]["port"],
+                    runtime["metrics"]["port"],
+                )
+                if attempt == 2 or not chosen_here:  # never move ports a caller set
+                    raise
+                self._choose_ports()
+        raise AssertionError("unreachable")
+
+    def _choose_ports(self) -> None:
+        self.grpc_port, self.http_port, self.metrics_port = free_port(), free_port(), free_port()
+        runtime = self.config["runtime"]
+        runtime["grpc"]["port"] = self.grpc_port
+        runtime["http"]["port"] = self.http_port
+        runtime["metrics"]["port"] = self.metrics_port
+        self.config_file.write_text(yaml.safe_dump(self.config))
+
+    def _start(self, timeout: float, env: dict[str, str] | None) -> RuntimeProcess:
         environment = {**os.environ, "TOKENIZERS_PARALLELISM": "false", **(env or {})}
         environment.pop("CONFIG_FILES", None)
         offset = self.log_file.stat().st_size if self.log_file.exists() else 0
@@ -91,12 +124,15 @@ class RuntimeProcess:
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
+            output = self.log_file.read_text(errors="replace")[offset:]
             if self.process.poll() is not None:
-                raise RuntimeError(f"the server exited:\n{self.log_file.read_text()[-3000:]}")
-            if "runtime ready" in self.log_file.read_text(errors="replace")[offset:]:
+                if any(failure in output for failure in _BIND_FAILURES):
+                    raise _PortTaken(output[-3000:])
+                raise RuntimeError(f"the server exited:\n{output[-3000:]}")
+            if "runtime ready" in output:
                 return self
             time.sleep(0.2)
-        raise TimeoutError(f"the server did not start:\n{self.log_file.read_text()[-3000:]}")
+        raise TimeoutError(f"the server did not start:\n{output[-3000:]}")
 
     def kill(self) -> None:
         """SIGKILL: the server dies without any chance to clean up."""

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import psutil
 import pytest
 
 from caikit_tuning.runtime.client import TuningClient
@@ -28,6 +29,18 @@ class Runtime(RuntimeProcess):
     @property
     def client(self) -> TuningClient:
         return RuntimeProcess.client(self, self.ca_certificate)
+
+
+def worker_processes(server: RuntimeProcess) -> list[psutil.Process]:
+    """The server's own live workers (other test processes may run servers of their own)."""
+    workers = []
+    for child in psutil.Process(server.process.pid).children():
+        try:
+            if "caikit_tuning.runtime.worker" in " ".join(child.cmdline()):
+                workers.append(child)
+        except psutil.Error:  # exited meanwhile
+            pass
+    return workers
 
 
 @pytest.fixture(scope="session")

@@ -7,7 +7,7 @@ import psutil
 import pytest
 import yaml
 
-from .conftest import Runtime
+from .conftest import Runtime, worker_processes
 from .test_training_jobs import RECORDS, tuning
 
 
@@ -16,14 +16,6 @@ def restartable(tmp_path_factory, base_models_dir):
     server = Runtime(tmp_path_factory.mktemp("restart"), base_models_dir).start()
     yield server
     server.stop()
-
-
-def worker_processes():
-    return [
-        p
-        for p in psutil.process_iter(["cmdline"])
-        if "caikit_tuning.runtime.worker" in " ".join(p.info["cmdline"] or [])
-    ]
 
 
 def test_kill_the_server_mid_training_then_restart(restartable):
@@ -54,7 +46,7 @@ def test_kill_the_server_mid_training_then_restart(restartable):
             break
         assert time.monotonic() < deadline
         time.sleep(0.1)
-    workers = worker_processes()
+    workers = worker_processes(restartable)
     assert len(workers) == 1
     restartable.kill()
     psutil.wait_procs(workers, timeout=10)

@@ -335,6 +335,19 @@ def test_listening_beyond_loopback_needs_tls_or_keys():
     assert ServingSettings.from_config(config, host="127.0.0.1").allowed_hosts
 
 
+def test_a_second_server_on_a_taken_grpc_port_fails_instead_of_sharing_it(
+    runtime, client, base_id, tmp_path, base_models_dir
+):
+    """gRPC's SO_REUSEPORT default would let the second server take some of the first's
+    connections; the shipped config turns it off."""
+    second = Runtime(
+        tmp_path, base_models_dir, extra={"runtime": {"grpc": {"port": runtime.grpc_port}}}
+    )
+    with pytest.raises(RuntimeError, match="Failed to bind"):
+        second.start(timeout=60)
+    assert client.generate(base_id, "still here", max_new_tokens=2)["generated_text"] is not None
+
+
 @pytest.fixture(scope="module")
 def guarded(tmp_path_factory, base_models_dir):
     """A server with API keys, small limits and a pool of four inference threads; the

@@ -8,6 +8,8 @@ import pytest
 
 from caikit_tuning.runtime.client import RuntimeCallError
 
+from .conftest import worker_processes
+
 RECORDS = [
     {"input": "a wonderful, moving film", "output": "positive"},
     {"input": "a dull and lifeless mess", "output": "negative"},
@@ -125,13 +127,11 @@ def test_a_killed_worker_errors_the_job_and_the_next_job_runs(runtime, client):
         "doomed", "tiny-llama", records=RECORDS, **tuning(num_epochs=200)
     )
     deadline = time.monotonic() + 60
-    while client.training_status(job)["state"] != "RUNNING":
-        assert time.monotonic() < deadline
+    while not (workers := worker_processes(runtime)):
+        assert client.training_status(job)["state"] in ("QUEUED", "RUNNING")
+        assert time.monotonic() < deadline, client.training_status(job)
         time.sleep(0.2)
-    server = psutil.Process(runtime.process.pid)
-    [worker] = [
-        p for p in server.children() if "caikit_tuning.runtime.worker" in " ".join(p.cmdline())
-    ]
+    [worker] = workers
     worker.kill()
     final = client.wait(job, poll_seconds=0.2, timeout=30)
     assert final["state"] == "ERRORED"
