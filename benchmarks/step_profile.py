@@ -34,7 +34,7 @@ KINDS = [
         r"aten::(copy_|_to_copy|to|clone|contiguous|cat|stack|index_select|slice|narrow|split|transpose|view|reshape|expand|permute|t|unsqueeze|squeeze|as_strided|select|_unsafe_view|empty.*|zeros.*|fill_|zero_)$",
     ),
     ("optimizer and clipping", r"adam|_foreach|norm$|clip|linalg_vector_norm"),
-    ("loss", r"log_softmax|nll_loss|cross_entropy"),
+    ("loss", r"log_softmax|nll_loss|cross_entropy|logsumexp"),
 ]
 
 

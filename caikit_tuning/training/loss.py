@@ -8,6 +8,7 @@ from transformers import PreTrainedModel
 
 from ..data.batching import Batch
 from ..inputs.prefix import PromptPrefix, accepts_logits_to_keep, embed_with_prefix
+from .linear_cross_entropy import fused_head, linear_cross_entropy
 from .segment_attention import fits_window, uses_segment_attention
 
 
@@ -59,7 +60,14 @@ def _target_loss(
     model: PreTrainedModel, batch: Batch, positions: torch.Tensor, **inputs
 ) -> torch.Tensor:
     """Cross-entropy of the targets, projecting only `positions` (batch, n_targets) onto
-    the vocabulary: for short answers that skips almost all of the LM head's work."""
+    the vocabulary: for short answers that skips almost all of the LM head's work.
+    Where the head is a plain linear layer, it is fused with the loss."""
+    fused = fused_head(model)
+    if fused is not None:
+        decoder, head = fused
+        hidden = decoder(**inputs, use_cache=False).last_hidden_state  # (batch, seq, hidden)
+        picked = torch.take_along_dim(hidden, positions[..., None], dim=1)
+        return linear_cross_entropy(picked.flatten(0, 1), head.weight, batch.target_ids.flatten())
     if accepts_logits_to_keep(model):
         logits = model(**inputs, use_cache=False, logits_to_keep=positions).logits
     else:
