@@ -6,6 +6,8 @@ virtual tokens, one learning rate, a verbalizer per set. Variants, each with eac
 - `project`: `PeftPromptTuning.train` at its default precision (bf16 autocast on a CPU
   with native bf16, float32 otherwise);
 - `project_fp32`: the same with `torch_dtype="float32"`;
+- `project_bf16`: the same with `torch_dtype="bfloat16"` (bfloat16 weights, no autocast,
+  as on a GPU; the soft prompt stays float32);
 - `baseline`: `transformers.Trainer` + `peft` (benchmarks/peft_baseline.py), float32.
 
 Every trained prompt is scored the same way: loaded as a PEFT adapter onto the float32
@@ -35,7 +37,8 @@ from train_throughput import resolve_model  # noqa: E402
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 INITS = ("RANDOM", "TEXT", "LABELS")
-VARIANTS = ("project", "project_fp32", "baseline")
+VARIANTS = ("project", "project_fp32", "project_bf16", "baseline")
+DTYPES = {"project_fp32": "float32", "project_bf16": "bfloat16"}
 
 # name -> verbalizer and TEXT-init text (files: data/<name>_{train,test}.jsonl).
 SETS = {
@@ -154,7 +157,7 @@ def run_project(job: dict, variant: str, init: str, seed: int) -> tuple[float, f
         max_source_length=128,
         max_target_length=8,
         seed=seed,
-        torch_dtype="float32" if variant == "project_fp32" else None,
+        torch_dtype=DTYPES.get(variant),
         silence_progress_bars=True,
     )
     seconds = time.perf_counter() - began

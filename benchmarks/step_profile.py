@@ -130,7 +130,10 @@ def markdown(summary: dict) -> str:
         "",
         f"{summary['steps']} steps of batch 8 ({summary['real_tokens_per_step']:.0f} real and "
         f"{summary['padded_tokens_per_step']:.0f} padded tokens a step), {summary['threads']} "
-        f"threads, under the CPU profiler (which adds its own cost): {wall:.0f} ms a step.",
+        f"threads, under the CPU profiler (which adds its own cost): {wall:.0f} ms a step. "
+        "Where the LM head is fused with the loss (training/linear_cross_entropy.py), its "
+        "matrix products count as matrix products and its softmax as element-wise work, so "
+        "`loss` keeps only what runs unfused.",
         "",
         "| where | ms per step | share |",
         "| --- | --- | --- |",

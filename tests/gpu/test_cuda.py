@@ -43,6 +43,26 @@ def test_bf16_training_with_per_example_attention(tiny_llama, train_rows):
     assert all(torch.isfinite(torch.tensor(e["loss"])) for e in model.training_logs if "loss" in e)
 
 
+def test_the_fused_lm_head_loss_on_cuda():
+    import torch.nn.functional as F
+
+    from caikit_tuning.training.linear_cross_entropy import linear_cross_entropy
+
+    torch.manual_seed(0)
+    hidden = torch.randn(300, 64, device="cuda", requires_grad=True)
+    weight = (torch.randn(5000, 64, device="cuda") * 0.1).bfloat16()
+    targets = torch.randint(0, 5000, (300,), device="cuda")
+    loss = linear_cross_entropy(hidden, weight, targets)
+    loss.backward()
+    reference = hidden.detach().clone().requires_grad_()
+    expected = F.cross_entropy(
+        F.linear(reference.bfloat16(), weight).float(), targets, reduction="sum"
+    )
+    expected.backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-4, atol=1e-2)
+    torch.testing.assert_close(hidden.grad, reference.grad, rtol=2e-2, atol=2e-3)
+
+
 def test_cuda_outputs_match_cpu(tiny_llama):
     cpu = TextGeneration.bootstrap("tiny-llama", device="cpu", torch_dtype="float32")
     gpu = TextGeneration.bootstrap("tiny-llama", device="cuda", torch_dtype="float32")
