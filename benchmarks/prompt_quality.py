@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 INITS = ("RANDOM", "TEXT", "LABELS")
 VARIANTS = ("project", "project_fp32", "project_bf16", "baseline")
+DEFAULT_VARIANTS = ["project", "project_fp32", "baseline"]
 DTYPES = {"project_fp32": "float32", "project_bf16": "bfloat16"}
 
 # name -> verbalizer and TEXT-init text (files: data/<name>_{train,test}.jsonl).
@@ -222,7 +223,7 @@ def main() -> None:
     parser.add_argument("--eval-rows", type=int, default=100)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--inits", nargs="+", default=["RANDOM"], choices=INITS)
-    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS, choices=VARIANTS)
     parser.add_argument(
         "--learning-rate", type=float, default=0.03, help="0: the project's default"
     )
