@@ -6,9 +6,11 @@ from transformers import AutoModelForCausalLM
 
 from caikit_tuning.data import Example, collate_packed
 from caikit_tuning.inputs import PromptPrefix
+from caikit_tuning.training import segment_attention as segment_module
 from caikit_tuning.training import summed_token_loss
 from caikit_tuning.training.segment_attention import (
     NAME,
+    group_segments,
     matmul_attention,
     sdpa_attention,
     segment_attention,
@@ -30,7 +32,21 @@ def _model(folder):
     return model.requires_grad_(False).eval()
 
 
-def test_packed_row_matches_examples_run_one_by_one(tiny_llama):
+# Positions per attention call on the CPU: one example a call, two of the three
+# examples together, all of them (the default for these short examples).
+CHUNKS = [1, 13, segment_module.CPU_CHUNK_POSITIONS]
+
+
+def test_consecutive_segments_are_grouped_up_to_the_limit():
+    assert group_segments([4, 9, 6], 1) == [(4,), (9,), (6,)]
+    assert group_segments([4, 9, 6], 13) == [(4, 9), (6,)]
+    assert group_segments([4, 20, 6, 3], 13) == [(4,), (20,), (6, 3)]
+    assert group_segments([4, 9, 6], 128) == [(4, 9, 6)]
+
+
+@pytest.mark.parametrize("chunk", CHUNKS)
+def test_packed_row_matches_examples_run_one_by_one(tiny_llama, monkeypatch, chunk):
+    monkeypatch.setattr(segment_module, "CPU_CHUNK_POSITIONS", chunk)
     model = _model(tiny_llama)
     lengths = [4, 9, 6]
     ids = torch.randint(4, 100, (1, sum(lengths)), generator=torch.Generator().manual_seed(0))
@@ -55,8 +71,12 @@ def test_packed_row_matches_examples_run_one_by_one(tiny_llama):
     torch.testing.assert_close(split, dense, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("chunk", CHUNKS)
 @pytest.mark.parametrize("prompt_shape", ["shared", "per_example", "none"])
-def test_training_loss_and_prompt_gradient_match_the_dense_mask(tiny_llama, prompt_shape):
+def test_training_loss_and_prompt_gradient_match_the_dense_mask(
+    tiny_llama, monkeypatch, prompt_shape, chunk
+):
+    monkeypatch.setattr(segment_module, "CPU_CHUNK_POSITIONS", chunk)
     # "shared": one prompt for the batch, in the row once; "per_example": multitask
     # prompts, a copy per example. The middle example's first token is a target (as a
     # chat's assistant turn can be), predicted from the position before the example.
