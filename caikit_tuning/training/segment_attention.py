@@ -165,9 +165,8 @@ def matmul_attention(q, k, v, mask, dropout, scaling):
             else torch.ones(n, m, dtype=torch.bool, device=q.device).tril()
         )
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    # The float32 scores are a new tensor (or the matmul's own output): scaled and
-    # masked in place, with no copy per step.
-    scores = torch.matmul(q, k.transpose(-1, -2)).float().mul_(scale)
+    # The float32 scores are a new tensor (or the scaling's own output): masked in place.
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).float()
     weights = scores.masked_fill_(~mask, float("-inf")).softmax(-1).to(v.dtype)
     weights = F.dropout(weights, p=dropout, training=dropout > 0)
     return torch.matmul(weights, v)
