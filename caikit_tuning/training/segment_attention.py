@@ -108,9 +108,7 @@ def group_segments(lengths: list[int], limit: int) -> list[tuple[int, ...]]:
             groups.append(tuple(current))
             current = []
         current.append(n)
-    if current:
-        groups.append(tuple(current))
-    return groups
+    return [*groups, tuple(current)] if current else groups
 
 
 def segment_mask(
