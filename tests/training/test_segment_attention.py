@@ -147,10 +147,54 @@ def test_matmul_attention_on_cpu_equals_sdpa_used_on_gpus(prefix):
     generator = torch.Generator().manual_seed(0)
     q = torch.randn(1, 4, 5, 8, generator=generator, requires_grad=True)
     k, v = (torch.randn(1, 4, prefix + 5, 8, generator=generator) for _ in range(2))
-    mask = torch.ones(5, prefix + 5, dtype=torch.bool).tril(prefix) if prefix else None
-    expected = sdpa_attention(q, k, v, mask, 0.0, 0.5)
-    got = matmul_attention(q, k, v, mask, 0.0, 0.5)
+    expected = sdpa_attention(q, k, v, (5,), prefix, 0.0, 0.5)
+    got = matmul_attention(q, k, v, (5,), prefix, 0.0, 0.5)
     torch.testing.assert_close(got, expected)
     (grad_expected,) = torch.autograd.grad(expected.sum(), q)
     (grad_got,) = torch.autograd.grad(got.sum(), q)
     torch.testing.assert_close(grad_got, grad_expected)
+
+
+def _eager_attention(q, k, v, allowed, scale):
+    # The formula as separate operators under autograd, as transformers' eager attention.
+    scores = (torch.matmul(q, k.transpose(-1, -2)) * scale).float()
+    weights = scores.masked_fill(~allowed, float("-inf")).softmax(-1).to(v.dtype)
+    return torch.matmul(weights, v)
+
+
+@pytest.mark.parametrize("scale", [0.125, 8**-0.5])  # a power of two, and not
+@pytest.mark.parametrize(("lengths", "prefix"), [((7,), 0), ((7,), 4), ((3, 5, 2), 4)])
+def test_matmul_attention_is_bit_identical_to_the_eager_formula_under_bf16(
+    lengths, prefix, scale
+):
+    generator = torch.Generator().manual_seed(0)
+    n = sum(lengths)
+    q, k, v = (
+        torch.randn(1, 4, size, 8, generator=generator).bfloat16().requires_grad_()
+        for size in (n, prefix + n, prefix + n)
+    )
+    grad_out = torch.randn(1, 4, n, 8, generator=generator).bfloat16()
+    allowed = segment_module.segment_mask(lengths, prefix, q.device)
+    allowed = torch.ones(n, n, dtype=torch.bool).tril() if allowed is None else allowed
+    results = []
+    for attention in (
+        lambda: _eager_attention(q, k, v, allowed, scale),
+        lambda: matmul_attention(q, k, v, lengths, prefix, 0.0, scale),
+    ):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attention()
+        results.append((out, *torch.autograd.grad(out, (q, k, v), grad_out)))
+    for got, expected in zip(results[1], results[0], strict=True):
+        assert got.dtype == expected.dtype == torch.bfloat16
+        assert torch.equal(got, expected)
+
+
+def test_large_masks_are_built_per_call_and_small_ones_kept():
+    cpu = torch.device("cpu")
+    small = segment_module.segment_bias((9,), 2, cpu, torch.bfloat16)
+    assert segment_module.segment_bias((9,), 2, cpu, torch.bfloat16) is small
+    assert small[0, :3].eq(0).all() and small[0, 3:].eq(float("-inf")).all()
+    side = int(segment_module.KEPT_MASK_ELEMENTS**0.5) + 1
+    large = segment_module.segment_bias((side,), 0, cpu, torch.bfloat16)
+    assert segment_module.segment_bias((side,), 0, cpu, torch.bfloat16) is not large
+    assert torch.equal(large, segment_module.segment_bias((side,), 0, cpu, torch.bfloat16))
