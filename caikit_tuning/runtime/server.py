@@ -26,6 +26,8 @@ import alog
 log = alog.use_channel("SERVE")
 # /health waits this long for a free inference thread before it says 503.
 READINESS_SECONDS = 1.0
+# How often the main thread wakes to run a SIGTERM handler (see serve()).
+SIGNAL_POLL_SECONDS = 0.2
 
 DEFAULT_HOST = "127.0.0.1"
 
@@ -123,7 +125,11 @@ def serve(config_file: str | None = None, host: str | None = None) -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    stop.wait()
+    # Wait in short slices: the kernel may deliver SIGTERM to any thread (gRPC's,
+    # torch's), and then Python runs the handler only once the main thread wakes.
+    # An unbounded wait would never wake, and the server would never stop.
+    while not stop.wait(SIGNAL_POLL_SECONDS):
+        pass
     _shut_down(servers, settings.shutdown_timeout_seconds)
 
 
