@@ -164,9 +164,7 @@ def _eager_attention(q, k, v, allowed, scale):
 
 @pytest.mark.parametrize("scale", [0.125, 8**-0.5])  # a power of two, and not
 @pytest.mark.parametrize(("lengths", "prefix"), [((7,), 0), ((7,), 4), ((3, 5, 2), 4)])
-def test_matmul_attention_is_bit_identical_to_the_eager_formula_under_bf16(
-    lengths, prefix, scale
-):
+def test_matmul_attention_is_bit_identical_to_the_eager_formula_under_bf16(lengths, prefix, scale):
     generator = torch.Generator().manual_seed(0)
     n = sum(lengths)
     q, k, v = (
