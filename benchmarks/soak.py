@@ -191,11 +191,14 @@ MISBEHAVIOURS = {
 }
 
 
-def bad_traffic(port: int, models: list[str], clients: int, stop_at: float, queue) -> None:
-    """In a process of its own: `clients` threads misbehaving until `stop_at`, each
-    thread in one of the ways, the ways shared out evenly."""
+def bad_traffic(port: int, models: list[str], clients: int, seconds: float, queue) -> None:
+    """In a process of its own: `clients` threads misbehaving for `seconds`, each
+    thread in one of the ways, the ways shared out evenly. What has not ended a second
+    after the end (a slow-headers client waits out the server's header timeout) is
+    counted as "in flight", and the phase does not wait for it."""
     outcomes: dict[str, dict[str, int]] = {name: {} for name in MISBEHAVIOURS}
     lock = threading.Lock()
+    stop_at = time.time() + seconds
 
     def worker(index: int) -> None:
         name = list(MISBEHAVIOURS)[index % len(MISBEHAVIOURS)]
@@ -211,9 +214,15 @@ def bad_traffic(port: int, models: list[str], clients: int, stop_at: float, queu
     threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
     for thread in threads:
         thread.start()
+    queue.put("started")
     for thread in threads:
-        thread.join(max(0.0, stop_at - time.time()) + 40)
-    queue.put(outcomes)
+        thread.join(max(0.0, stop_at - time.time()) + 1.0)
+    with lock:
+        for index, thread in enumerate(threads):
+            if thread.is_alive():
+                counts = outcomes[list(MISBEHAVIOURS)[index % len(MISBEHAVIOURS)]]
+                counts["in flight"] = counts.get("in flight", 0) + 1
+        queue.put(outcomes)
 
 
 # --------------------------------------------------------- server and jobs
@@ -285,10 +294,13 @@ def phase(client, models, args, sampler, bad_clients: int, port: int) -> dict:
         queue = multiprocessing.get_context("spawn").Queue()
         process = multiprocessing.get_context("spawn").Process(
             target=bad_traffic,
-            args=(port, models, bad_clients, time.time() + args.seconds, queue),
+            args=(port, models, bad_clients, args.seconds, queue),
             daemon=True,
         )
         process.start()
+        # The good clients start once the bad ones are at it (a spawned process
+        # takes seconds to import).
+        assert queue.get(timeout=120) == "started"
     good = good_traffic(client, models, args.clients, args.seconds, args.new_tokens)
     if process is not None:
         outcome = queue.get(timeout=120)
