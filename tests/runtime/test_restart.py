@@ -33,7 +33,7 @@ def test_kill_the_server_mid_training_then_restart(restartable):
         "tiny-llama",
         records=RECORDS * 4,
         checkpoint_steps=5,
-        **tuning(num_epochs=15),
+        **tuning(num_epochs=6),
     )
     deadline = time.monotonic() + 60
     while True:
@@ -67,4 +67,4 @@ def test_kill_the_server_mid_training_then_restart(restartable):
     assert final["state"] == "COMPLETED", final
     config = yaml.safe_load((restartable.models / "interrupted" / "config.yml").read_text())
     assert config["training"]["resumed_from_step"] >= 20
-    assert config["training"]["steps"] == 15 * 16
+    assert config["training"]["steps"] == 6 * 16
