@@ -37,6 +37,7 @@ from ..storage import write_jsonl
 from .api import TrainRequest
 from .devices import autocast_dtype, resolve_device, resolve_dtype
 from .distributed import world
+from .linear_cross_entropy import fused_head
 from .loop import TrainingResult, train
 from .loss import summed_token_loss
 from .plots import write_loss_curve
@@ -221,15 +222,9 @@ def fit(
         {**training.to_config(), "base_model": str(plan.located.source)}, enabled=world().is_main
     )
 
-    forward = base.model
-    if training.optimization.torch_compile:
-        # Compiled for this run only: generation afterwards stays eager, where a growing
-        # KV cache would otherwise recompile at every length.
-        forward = torch.compile(base.model, dynamic=True)
-
     def loss_fn(batch: Batch) -> torch.Tensor:
         noise = training.neftune_noise_alpha if base.model.training else None
-        loss = summed_token_loss(forward, batch, prefix(batch), noise)
+        loss = summed_token_loss(base.model, batch, prefix(batch), noise)
         if penalty is not None and base.model.training:
             # The loop divides by the step's target tokens: weighting by this batch's
             # share adds `penalty` once per optimizer step, and never to validation loss.
@@ -246,7 +241,12 @@ def fit(
     # (not under torch.compile, which would recompile for every batch's lengths).
     per_example = segment_attention(model, enabled=not training.optimization.torch_compile)
     try:
-        with deterministic(training.determinism), cast, per_example:
+        with (
+            deterministic(training.determinism),
+            cast,
+            per_example,
+            compiled_for_the_run(model, training.optimization.torch_compile),
+        ):
             result = train(
                 model=base.model,
                 params=params,
@@ -303,6 +303,27 @@ def training_summary(
         "rope_scaling": plan.rope_scaling,
         "notes": [*plan.notes, *notes],
     }
+
+
+@contextlib.contextmanager
+def compiled_for_the_run(model: torch.nn.Module, enabled: bool):
+    """torch.compile for the run only; generation afterwards stays eager, where a growing
+    KV cache would recompile at every length.
+
+    Where the LM head is fused with the loss, only the decoder is compiled: the head,
+    the loss and the gather of the target positions stay eager, so a batch of a new
+    length reuses the graph (dynamic shapes) instead of recompiling. Compiled in place
+    (`Module.compile`): parameter names, checkpoints and the saved model are unchanged."""
+    if not enabled:
+        yield
+        return
+    fused = fused_head(model)
+    target = fused[0] if fused is not None else model
+    target.compile(dynamic=True)
+    try:
+        yield
+    finally:
+        target._compiled_call_impl = None  # what Module.compile set; it has no undo
 
 
 @contextlib.contextmanager

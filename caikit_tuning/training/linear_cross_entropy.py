@@ -29,8 +29,6 @@ def rows_per_chunk(vocab: int) -> int:
 
 def fused_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear] | None:
     """(decoder, LM head) of a causal LM whose loss can be fused, else None."""
-    if hasattr(model, "_orig_mod"):
-        return None  # compiled: calling the decoder would bypass the compiled graph
     if hasattr(model, "get_base_model"):  # a PeftModel (LoRA): layers are patched in place
         model = model.get_base_model()
     if not isinstance(model, PreTrainedModel) or model.config.model_type not in PLAIN_HEADS:

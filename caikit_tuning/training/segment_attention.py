@@ -251,7 +251,6 @@ _register()
 def segment_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[bool]:
     """Switch a decoder-only model that uses SDPA to per-example attention for the
     block; yields whether it did. The caller passes `segment_lengths` to the forward."""
-    model = getattr(model, "_orig_mod", model)
     config = model.config
     switch = (
         enabled
@@ -269,5 +268,4 @@ def segment_attention(model: torch.nn.Module, enabled: bool = True) -> Iterator[
 
 
 def uses_segment_attention(model: torch.nn.Module) -> bool:
-    model = getattr(model, "_orig_mod", model)
     return getattr(model.config, "_attn_implementation", None) == NAME
