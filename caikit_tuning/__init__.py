@@ -13,9 +13,26 @@ if "OMP_WAIT_POLICY" not in os.environ:
     os.environ.setdefault("GOMP_SPINCOUNT", "1000")
 
 import caikit  # noqa: E402
+from caikit.core.registries import module_backend_types  # noqa: E402
 
 # Library defaults first, so the runtime's config and environment variables override them.
 caikit.configure(str(Path(__file__).parent / "config" / "config.yml"))
+
+
+class MissingBackendType(AttributeError, ValueError):
+    """caikit's registry of backend types answers a missing name with ValueError. pickle,
+    looking for the module of an object (whichmodule), lets only AttributeError pass, so
+    torch.compile's cache keys failed to pickle and no compiled graph was ever cached.
+    This error is both."""
+
+
+def _backend_type(registry: dict, name: str):
+    if name in registry:
+        return registry[name]
+    raise MissingBackendType(f"backend type {name} not registered")
+
+
+type(module_backend_types()).__getattr__ = _backend_type
 
 from . import data_model, modules  # noqa: E402
 from .data_model import (  # noqa: E402
