@@ -199,9 +199,9 @@ def bad_traffic(port: int, models: list[str], clients: int, seconds: float, queu
     outcomes: dict[str, dict[str, int]] = {name: {} for name in MISBEHAVIOURS}
     lock = threading.Lock()
     stop_at = time.time() + seconds
+    ways = [list(MISBEHAVIOURS)[index % len(MISBEHAVIOURS)] for index in range(clients)]
 
-    def worker(index: int) -> None:
-        name = list(MISBEHAVIOURS)[index % len(MISBEHAVIOURS)]
+    def worker(name: str) -> None:
         while time.time() < stop_at:
             try:
                 outcome = MISBEHAVIOURS[name](port, random.choice(models))
@@ -211,16 +211,16 @@ def bad_traffic(port: int, models: list[str], clients: int, seconds: float, queu
                 outcomes[name][outcome] = outcomes[name].get(outcome, 0) + 1
             time.sleep(0.1)
 
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(clients)]
+    threads = [threading.Thread(target=worker, args=(name,), daemon=True) for name in ways]
     for thread in threads:
         thread.start()
     queue.put("started")
     for thread in threads:
         thread.join(max(0.0, stop_at - time.time()) + 1.0)
     with lock:
-        for index, thread in enumerate(threads):
+        for name, thread in zip(ways, threads, strict=True):
             if thread.is_alive():
-                counts = outcomes[list(MISBEHAVIOURS)[index % len(MISBEHAVIOURS)]]
+                counts = outcomes[name]
                 counts["in flight"] = counts.get("in flight", 0) + 1
         queue.put(outcomes)
 
