@@ -37,6 +37,7 @@ from ..storage import write_jsonl
 from .api import TrainRequest
 from .devices import autocast_dtype, resolve_device, resolve_dtype
 from .distributed import world
+from .fused_layers import fused_decoder_layers
 from .linear_cross_entropy import fused_head
 from .loop import TrainingResult, train
 from .loss import summed_token_loss
@@ -244,6 +245,7 @@ def fit(
         with (
             deterministic(training.determinism),
             cast,
+            fused_decoder_layers(model, cast.dtype),
             per_example,
             compiled_for_the_run(model, training.optimization.torch_compile),
         ):

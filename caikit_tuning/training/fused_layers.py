@@ -1,0 +1,217 @@
+"""Llama decoder layers as fewer, larger operations, for training frozen layers under autocast.
+
+Prompt tuning trains none of the decoder's weights, yet transformers' Llama layer runs
+each step as many small operations, and on the CPU their count, not their arithmetic,
+is a large part of a short example's step. Within `fused_decoder_layers`, a layer whose
+projections are all frozen and already in the autocast dtype (`FrozenWeightCast`) runs:
+
+- the query, key and value projections as one matmul, and the MLP's gate and up
+  projections as another, over weights concatenated once for the run (the per-module
+  weights become views into them, so this costs no memory);
+- each RMSNorm as one autograd node that emits the autocast dtype its matmul would cast
+  to, so its input is cast once, not once per projection;
+- rotary embeddings for queries and keys together as one autograd node, computed in
+  float32 as transformers computes them and rounded once; its gradient is summed in
+  float32 (transformers sums the query gradient's two paths in bfloat16).
+
+The forward values are those of transformers' layer: the same products, rounded at the
+same points. Gradients differ only by float32 summation order and by fewer bfloat16
+roundings. Outside autocast, with a cache (generation), or while `FrozenWeightCast`
+has the float32 weights back, a layer runs transformers' own forward.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaRMSNorm,
+    eager_attention_forward,
+)
+
+
+@contextlib.contextmanager
+def fused_decoder_layers(model: torch.nn.Module, dtype: torch.dtype | None) -> Iterator[int]:
+    """Fuse every eligible decoder layer of `model` for autocast to `dtype` (None: none)
+    within the block; yields how many were fused. Layers are restored on exit."""
+    layers = [] if dtype is None else [m for m in model.modules() if _eligible(m, dtype)]
+    fused = [_FusedLayer(layer, dtype) for layer in layers]
+    try:
+        yield len(fused)
+    finally:
+        for layer in fused:
+            layer.restore()
+
+
+def _eligible(layer: torch.nn.Module, dtype: torch.dtype) -> bool:
+    if type(layer) is not LlamaDecoderLayer:
+        return False
+    attn, mlp = layer.self_attn, layer.mlp
+    if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP:
+        return False
+    if not all(
+        type(n) is LlamaRMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm)
+    ):
+        return False
+    linears = _projections(layer)
+    return all(
+        type(p) is torch.nn.Linear and not p.weight.requires_grad and p.weight.dtype == dtype
+        for p in linears
+    ) and not any(p.bias is not None and p.bias.requires_grad for p in linears)
+
+
+def _projections(layer) -> list[torch.nn.Linear]:
+    attn, mlp = layer.self_attn, layer.mlp
+    return [
+        attn.q_proj,
+        attn.k_proj,
+        attn.v_proj,
+        attn.o_proj,
+        mlp.gate_proj,
+        mlp.up_proj,
+        mlp.down_proj,
+    ]
+
+
+def _concatenated(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One weight (and bias) for `linears`, whose weights become views into it."""
+    weight = torch.cat([p.weight.detach() for p in linears])
+    start = 0
+    for p in linears:
+        rows = p.weight.shape[0]
+        p.weight.data = weight[start : start + rows]
+        start += rows
+    # Llama's config gives biases to all of a group's projections or to none.
+    if linears[0].bias is None:
+        return weight, None
+    return weight, torch.cat([p.bias.detach() for p in linears])
+
+
+class _FusedLayer:
+    def __init__(self, layer: LlamaDecoderLayer, dtype: torch.dtype):
+        self.layer, self.dtype = layer, dtype
+        attn, mlp = layer.self_attn, layer.mlp
+        self.heads = attn.config.num_attention_heads
+        self.kv_heads = attn.config.num_key_value_heads
+        self.qkv = _concatenated([attn.q_proj, attn.k_proj, attn.v_proj])
+        self.gate_up = _concatenated([mlp.gate_proj, mlp.up_proj])
+        self.intermediate = mlp.gate_proj.out_features
+        self.original = layer.forward
+        layer.forward = self.forward
+
+    def restore(self) -> None:
+        del self.layer.forward  # the class's forward again
+
+    def active(self, hidden_states: torch.Tensor) -> bool:
+        device = hidden_states.device.type
+        return (
+            torch.is_autocast_enabled(device)
+            and torch.get_autocast_dtype(device) == self.dtype
+            and self.layer.self_attn.q_proj.weight.dtype == self.dtype
+        )
+
+    def forward(self, hidden_states, *args, **kwargs):
+        cache = kwargs.get("cache", kwargs.get("past_key_values"))
+        if args or cache is not None or not self.active(hidden_states):
+            return self.original(hidden_states, *args, **kwargs)
+        layer = self.layer
+        attention_mask = kwargs.pop("attention_mask", None)
+        cos, sin = kwargs.pop("position_embeddings")
+        for unused in ("position_ids", "cache", "past_key_values", "use_cache"):
+            kwargs.pop(unused, None)
+
+        residual = hidden_states
+        x = _rms_norm(layer.input_layernorm, hidden_states, self.dtype)
+        hidden_states = residual + self.attention(x, cos, sin, attention_mask, kwargs)
+        residual = hidden_states
+        x = _rms_norm(layer.post_attention_layernorm, hidden_states, self.dtype)
+        gate, up = F.linear(x, *self.gate_up).split(self.intermediate, dim=-1)
+        mlp = layer.mlp
+        return residual + mlp.down_proj(mlp.act_fn(gate) * up)
+
+    def attention(self, x, cos, sin, attention_mask, kwargs):
+        attn = self.layer.self_attn
+        batch, length = x.shape[:2]
+        dim = attn.head_dim
+        qkv = F.linear(x, *self.qkv).view(batch, length, self.heads + 2 * self.kv_heads, dim)
+        qk, value = qkv.split([self.heads + self.kv_heads, self.kv_heads], dim=2)
+        query, key = _Rotary.apply(qk, cos, sin, self.dtype).split(
+            [self.heads, self.kv_heads], dim=2
+        )
+        interface = ALL_ATTENTION_FUNCTIONS.get_interface(
+            attn.config._attn_implementation, eager_attention_forward
+        )
+        out, _ = interface(
+            attn,
+            query.transpose(1, 2),
+            key.transpose(1, 2),
+            value.transpose(1, 2),
+            attention_mask,
+            dropout=0.0 if not attn.training else attn.attention_dropout,
+            scaling=attn.scaling,
+            **kwargs,
+        )
+        return attn.o_proj(out.reshape(batch, length, -1).contiguous())
+
+
+def _rms_norm(norm: LlamaRMSNorm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon, dtype)
+
+
+class _RMSNorm(torch.autograd.Function):
+    """transformers' `weight * (x * rsqrt(mean(x^2) + eps)).to(x.dtype)`, computed in
+    float32 and returned in `dtype` (what the next matmul casts it to)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps, dtype):
+        xf = x.float()
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        normed = (xf * rstd).to(x.dtype)
+        ctx.save_for_backward(normed, rstd, weight)
+        ctx.x_dtype = x.dtype
+        return (weight * normed).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        normed, rstd, weight = ctx.saved_tensors
+        grad = grad.float()
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight = (grad * normed).sum(tuple(range(grad.dim() - 1))).to(weight.dtype)
+        grad_normed = grad * weight
+        normed = normed.float()
+        dot = (grad_normed * normed).mean(-1, keepdim=True)
+        grad_x = (grad_normed - normed * dot).mul_(rstd)
+        return grad_x.to(ctx.x_dtype), grad_weight, None, None
+
+
+class _Rotary(torch.autograd.Function):
+    """transformers' `x * cos + rotate_half(x) * sin` for (batch, length, heads, dim)
+    queries and keys, in float32, rounded once to `dtype`. rotate_half(x) * sin is a
+    roll by half the head size times sin with its first half negated."""
+
+    @staticmethod
+    def forward(ctx, x, cos, sin, dtype):
+        half = x.shape[-1] // 2
+        cos = cos.unsqueeze(2)
+        sin = torch.cat([-sin[..., :half], sin[..., half:]], dim=-1).unsqueeze(2)
+        ctx.save_for_backward(cos, sin)
+        ctx.x_dtype = x.dtype
+        x = x.float()
+        rotated = x.roll(half, -1).mul_(sin)
+        return x.mul_(cos).add_(rotated).to(dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        half = grad.shape[-1] // 2
+        grad = grad.to(torch.float32, copy=True)
+        grad_x = (grad * sin).roll(half, -1)
+        return grad_x.add_(grad.mul_(cos)).to(ctx.x_dtype), None, None, None
