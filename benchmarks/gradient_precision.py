@@ -2,7 +2,10 @@
 
 For one prompt (the RANDOM init of `PeftPromptTuning`, and the same after a few
 training steps), the gradient of the mean target loss over a batch of 8 bundled reviews
-is computed in float32 and under CPU bf16 autocast. Reported: the cosine between the two,
+is computed in float32 and under CPU bf16 autocast, the latter through transformers'
+layers and through the project's training path for frozen layers (weights cast once,
+`training/fused_layers.py`). Reported: the cosine between each and float32, the relative
+error of each,
 and, for scale, the cosine between the float32 gradients of two different batches
 (the noise that stochastic training lives with anyway). Adam's first steps move each
 coordinate by about the learning rate in the direction of the gradient's sign, so the
@@ -58,7 +61,8 @@ def prompt_gradient(model, prompt, base_embeds, batch, bf16: bool):
     full_mask = torch.cat([torch.ones(len(input_ids), n, dtype=mask.dtype), mask], dim=1)
     context = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
     with context:
-        logits = model(inputs_embeds=embeds, attention_mask=full_mask).logits[:, n:]
+        logits = model(inputs_embeds=embeds, attention_mask=full_mask, use_cache=False).logits
+    logits = logits[:, n:]
     loss = F.cross_entropy(
         logits[:, :-1].float().reshape(-1, logits.shape[-1]),
         labels[:, 1:].reshape(-1),
@@ -69,17 +73,39 @@ def prompt_gradient(model, prompt, base_embeds, batch, bf16: bool):
 
 
 def compare(model, prompt, batches) -> dict:
+    import torch
     import torch.nn.functional as F
+
+    from caikit_tuning.training.fused_layers import fused_decoder_layers
+    from caikit_tuning.training.precision import FrozenWeightCast
 
     embeds = model.get_input_embeddings()
     g32 = [prompt_gradient(model, prompt, embeds, b, bf16=False) for b in batches]
     g16 = prompt_gradient(model, prompt, embeds, batches[0], bf16=True)
+    with (
+        FrozenWeightCast(model, torch.bfloat16) as cast,
+        fused_decoder_layers(model, cast.dtype) as fused,
+    ):
+        assert fused, "no layer ran fused"
+        g16_fused = prompt_gradient(model, prompt, embeds, batches[0], bf16=True)
+
+    def error(g):
+        return round(((g - g32[0]).norm() / g32[0].norm()).item(), 4)
+
     return {
         "cos_bf16_vs_fp32_same_batch": round(F.cosine_similarity(g16, g32[0], dim=0).item(), 4),
+        "cos_fused_bf16_vs_fp32_same_batch": round(
+            F.cosine_similarity(g16_fused, g32[0], dim=0).item(), 4
+        ),
+        "relative_error_bf16": error(g16),
+        "relative_error_fused_bf16": error(g16_fused),
         "cos_fp32_batch_vs_other_batch": round(
             F.cosine_similarity(g32[1], g32[0], dim=0).item(), 4
         ),
         "sign_differs_bf16_vs_fp32": round((g16.sign() != g32[0].sign()).float().mean().item(), 4),
+        "sign_differs_fused_bf16_vs_fp32": round(
+            (g16_fused.sign() != g32[0].sign()).float().mean().item(), 4
+        ),
         "sign_differs_other_batch": round(
             (g32[1].sign() != g32[0].sign()).float().mean().item(), 4
         ),
