@@ -1,16 +1,50 @@
 """caikit_tuning: parameter-efficient tuning and text generation as caikit modules."""
 
 import os
+import sys
 from pathlib import Path
 
-# OpenMP threads spin between parallel regions before they sleep. libgomp's default
-# (300,000 spins) can starve other threads on the same cores; never spinning
-# (OMP_WAIT_POLICY=PASSIVE) made a training step 25-40% slower, as each of its many
-# small kernels waited for threads to wake up. A short spin keeps both: measured on
-# 2 cores, a SmolLM2-135M training step 0.80 s (PASSIVE 0.96 s), and concurrent
-# serving 138 tokens/s (PASSIVE 117). Read when torch starts; explicit settings win.
-if "OMP_WAIT_POLICY" not in os.environ:
-    os.environ.setdefault("GOMP_SPINCOUNT", "1000")
+# OpenMP threads spin between parallel regions before they sleep. libgomp reads how long
+# when torch loads, so it is decided here, by the command that started this process.
+# Training keeps libgomp's default (300,000 spins): a step is many small kernels, and
+# threads that slept in between wake too late (measured on 2 cores, SmolLM2-135M prompt
+# tuning, the whole loop: 20 short-example steps 9.2-9.4 s against 14.3-14.5 s at 1,000
+# spins; 10 long-example steps 21.8-22.1 s against 27.4-28.0 s). A server spins briefly,
+# so that its idle inference threads leave the cores to requests' other work: 1,000
+# spins kept concurrent serving at 138 tokens/s where never spinning (OMP_WAIT_POLICY=
+# PASSIVE) gave 117. Explicit settings win. Training workers started by a server get
+# the training default back (runtime/worker_pool.py, runtime/ray_trainer.py).
+SERVER_COMMANDS = ("caikit_tuning.runtime", "caikit.runtime")
+
+
+def starts_a_server(argv: list[str]) -> bool:
+    """Whether `argv` (the interpreter's command line) starts the caikit runtime."""
+    pairs = zip(argv, argv[1:], strict=False)
+    return any(
+        (arg == "-m" and nxt in SERVER_COMMANDS)
+        or (Path(arg).name == "caikit-tuning" and nxt == "serve")
+        for arg, nxt in pairs
+    )
+
+
+SERVING_SPIN = "1000"
+# True where this import chose the server's short spin (so training children drop it).
+SHORT_SPIN_DEFAULTED = (
+    "OMP_WAIT_POLICY" not in os.environ
+    and "GOMP_SPINCOUNT" not in os.environ
+    and starts_a_server(sys.orig_argv)
+)
+if SHORT_SPIN_DEFAULTED:
+    os.environ["GOMP_SPINCOUNT"] = SERVING_SPIN
+
+
+def training_environment(env: dict[str, str]) -> dict[str, str]:
+    """`env` for a training process started from this one: without the server's short
+    spin where this import chose it."""
+    if SHORT_SPIN_DEFAULTED and env.get("GOMP_SPINCOUNT") == SERVING_SPIN:
+        return {k: v for k, v in env.items() if k != "GOMP_SPINCOUNT"}
+    return env
+
 
 import caikit  # noqa: E402
 from caikit.core.registries import module_backend_types  # noqa: E402

@@ -103,6 +103,7 @@ class _FusedLayer:
         self.qkv = _concatenated([attn.q_proj, attn.k_proj, attn.v_proj])
         self.gate_up = _concatenated([mlp.gate_proj, mlp.up_proj])
         self.intermediate = mlp.gate_proj.out_features
+        self.swiglu = mlp.config.hidden_act == "silu"
         self.original = layer.forward
         layer.forward = self.forward
 
@@ -132,9 +133,14 @@ class _FusedLayer:
         hidden_states = residual + self.attention(x, cos, sin, attention_mask, kwargs)
         residual = hidden_states
         x = _rms_norm(layer.post_attention_layernorm, hidden_states, self.dtype)
-        gate, up = F.linear(x, *self.gate_up).split(self.intermediate, dim=-1)
+        gate_up = F.linear(x, *self.gate_up)
         mlp = layer.mlp
-        return residual + mlp.down_proj(mlp.act_fn(gate) * up)
+        if self.swiglu:
+            hidden = _SwiGLU.apply(gate_up, self.intermediate)
+        else:
+            gate, up = gate_up.split(self.intermediate, dim=-1)
+            hidden = mlp.act_fn(gate) * up
+        return residual + mlp.down_proj(hidden)
 
     def attention(self, x, cos, sin, attention_mask, kwargs):
         attn = self.layer.self_attn
@@ -215,3 +221,27 @@ class _Rotary(torch.autograd.Function):
         grad = grad.to(torch.float32, copy=True)
         grad_x = (grad * sin).roll(half, -1)
         return grad_x.add_(grad.mul_(cos)).to(ctx.x_dtype), None, None, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """transformers' `silu(gate) * up` over the fused (..., 2 x size) gate/up output, the
+    same operations in one node; the gradient is written into one tensor, not
+    concatenated from the gate's and the up projection's."""
+
+    @staticmethod
+    def forward(ctx, gate_up, size):
+        gate, up = gate_up.split(size, dim=-1)
+        activated = F.silu(gate)
+        ctx.save_for_backward(gate_up, activated)
+        ctx.size = size
+        return activated * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate_up, activated = ctx.saved_tensors
+        gate, up = gate_up.split(ctx.size, dim=-1)
+        grad_gate_up = torch.empty_like(gate_up, memory_format=torch.contiguous_format)
+        grad_gate, grad_up = grad_gate_up.split(ctx.size, dim=-1)
+        torch.ops.aten.silu_backward.grad_input(grad * up, gate, grad_input=grad_gate)
+        torch.mul(grad, activated, out=grad_up)
+        return grad_gate_up, None

@@ -31,24 +31,31 @@ def test_auto_device_picks_cuda_when_present(monkeypatch):
 
 
 @pytest.mark.parametrize(
-    ("preset", "expected"),
+    ("preset", "command", "expected"),
     [
-        ({}, ("1000", None)),  # a short OpenMP spin by default
-        ({"OMP_WAIT_POLICY": "PASSIVE"}, (None, "PASSIVE")),  # an explicit policy wins
-        ({"GOMP_SPINCOUNT": "5"}, ("5", None)),
+        # Training (any process that is not a server) keeps libgomp's default spin.
+        ({}, ["-c", "..."], ["None", "None", "None"]),
+        # A server spins briefly; training processes it starts get the default back.
+        ({}, ["-m", "caikit_tuning.runtime"], ["1000", "None", "None"]),
+        ({}, ["/venv/bin/caikit-tuning", "serve"], ["1000", "None", "None"]),
+        # Explicit settings win, for the server and for its training processes.
+        ({"OMP_WAIT_POLICY": "PASSIVE"}, ["-m", "caikit.runtime"], ["None", "PASSIVE", "None"]),
+        ({"GOMP_SPINCOUNT": "5"}, ["-m", "caikit.runtime"], ["5", "None", "5"]),
     ],
 )
-def test_import_sets_a_short_openmp_spin_unless_told_otherwise(preset, expected):
+def test_openmp_spin_is_short_only_in_a_server(preset, command, expected):
     import os
     import subprocess
     import sys
 
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
     code = (
-        "import os, caikit_tuning; "
-        "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'))"
+        f"import sys; sys.orig_argv[1:] = {command!r}; import os, caikit_tuning; "
+        "child = caikit_tuning.training_environment(dict(os.environ)); "
+        "print(os.environ.get('GOMP_SPINCOUNT'), os.environ.get('OMP_WAIT_POLICY'), "
+        "child.get('GOMP_SPINCOUNT'))"
     )
     out = subprocess.run(
         [sys.executable, "-c", code], env={**env, **preset}, capture_output=True, text=True
     )
-    assert out.stdout.split() == [str(value) for value in expected]
+    assert out.stdout.split() == expected, out.stderr
