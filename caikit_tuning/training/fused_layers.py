@@ -12,12 +12,17 @@ projections are all frozen and already in the autocast dtype (`FrozenWeightCast`
   to, so its input is cast once, not once per projection;
 - rotary embeddings for queries and keys together as one autograd node, computed in
   float32 as transformers computes them and rounded once; its gradient is summed in
-  float32 (transformers sums the query gradient's two paths in bfloat16).
+  float32 (transformers sums the query gradient's two paths in bfloat16);
+- SwiGLU (`silu(gate) * up`) as one node whose gradient is written into one tensor.
 
-The forward values are those of transformers' layer: the same products, rounded at the
-same points. Gradients differ only by float32 summation order and by fewer bfloat16
-roundings. Outside autocast, with a cache (generation), or while `FrozenWeightCast`
-has the float32 weights back, a layer runs transformers' own forward.
+Measured on SmolLM2-135M prompt tuning, 2 CPU cores, the whole loop: 20 short-example
+steps 9.2-9.5 s against 10.3-10.6 s for transformers' layers, 10 long-example steps
+21.0-21.2 s against 23.6-23.8 s. The forward values are those of transformers' layer:
+the same products, rounded at the same points. Gradients differ by float32 summation
+order and fewer bfloat16 roundings, and are as close to float32 as transformers' own
+(benchmarks/gradient_precision.py). Outside autocast, with a cache (generation), or
+while `FrozenWeightCast` has the float32 weights back, a layer runs transformers' own
+forward.
 """
 
 from __future__ import annotations
