@@ -6,14 +6,16 @@ from pathlib import Path
 
 # OpenMP threads spin between parallel regions before they sleep. libgomp reads how long
 # when torch loads, so it is decided here, by the command that started this process.
-# Training keeps libgomp's default (300,000 spins): a step is many small kernels, and
-# threads that slept in between wake too late (measured on 2 cores, SmolLM2-135M prompt
-# tuning, the whole loop: 20 short-example steps 9.2-9.4 s against 14.3-14.5 s at 1,000
-# spins; 10 long-example steps 21.8-22.1 s against 27.4-28.0 s). A server spins briefly,
-# so that its idle inference threads leave the cores to requests' other work: 1,000
-# spins kept concurrent serving at 138 tokens/s where never spinning (OMP_WAIT_POLICY=
-# PASSIVE) gave 117. Explicit settings win. Training workers started by a server get
-# the training default back (runtime/worker_pool.py, runtime/ray_trainer.py).
+# Training on its own keeps libgomp's default (300,000 spins): a step is many small
+# kernels, and threads that slept in between wake too late (measured on 2 cores,
+# SmolLM2-135M prompt tuning, the whole loop: 20 short-example steps 9.2-9.4 s against
+# 14.3-14.5 s at 1,000 spins; 10 long-example steps 21.8-22.1 s against 27.4-28.0 s).
+# A server spins briefly, and so do the training workers it starts (they inherit its
+# environment), since they share the cores with its inference threads: with 8 REST
+# clients busy, a 40-step job took 34-36 s at 1,000 spins and 114-216 s at the default,
+# and the clients got 6.0-6.5 against 5.7-6.0 requests/s. Never spinning
+# (OMP_WAIT_POLICY=PASSIVE) slowed concurrent serving to 117 tokens/s from 138.
+# Explicit settings win.
 SERVER_COMMANDS = ("caikit_tuning.runtime", "caikit.runtime")
 
 
@@ -27,24 +29,12 @@ def starts_a_server(argv: list[str]) -> bool:
     )
 
 
-SERVING_SPIN = "1000"
-# True where this import chose the server's short spin (so training children drop it).
-SHORT_SPIN_DEFAULTED = (
+if (
     "OMP_WAIT_POLICY" not in os.environ
     and "GOMP_SPINCOUNT" not in os.environ
     and starts_a_server(sys.orig_argv)
-)
-if SHORT_SPIN_DEFAULTED:
-    os.environ["GOMP_SPINCOUNT"] = SERVING_SPIN
-
-
-def training_environment(env: dict[str, str]) -> dict[str, str]:
-    """`env` for a training process started from this one: without the server's short
-    spin where this import chose it."""
-    if SHORT_SPIN_DEFAULTED and env.get("GOMP_SPINCOUNT") == SERVING_SPIN:
-        return {k: v for k, v in env.items() if k != "GOMP_SPINCOUNT"}
-    return env
-
+):
+    os.environ["GOMP_SPINCOUNT"] = "1000"
 
 import caikit  # noqa: E402
 from caikit.core.registries import module_backend_types  # noqa: E402

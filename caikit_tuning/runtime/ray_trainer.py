@@ -44,7 +44,6 @@ from caikit.core.exceptions.caikit_core_exception import (
 from caikit.core.model_management import ModelTrainerBase, ModelTrainerFutureBase
 from caikit.core.model_management.job_base import JobInfo
 
-from .. import training_environment
 from ..training.distributed import world
 from . import job_runner, jobs
 from .settings import runtime_folders
@@ -105,10 +104,9 @@ def worker_environment(settings: RaySettings) -> dict[str, str]:
     """What every Ray process of a job needs in its environment."""
     env = {"TOKENIZERS_PARALLELISM": "false"}
     # Ray Train imports torch before our package can set these (see caikit_tuning/__init__).
-    spin = training_environment(dict(os.environ))
     for name in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT"):
-        if name in spin:
-            env[name] = spin[name]
+        if name in os.environ:
+            env[name] = os.environ[name]
     config_files = runtime_folders().config_files
     if config_files:
         env["CONFIG_FILES"] = str(config_files)  # the workers read the server's runtime config

@@ -46,7 +46,6 @@ from caikit.core.model_management.model_trainer_base import (
     ModelTrainerFutureBase,
 )
 
-from .. import training_environment
 from ..data_model.values import integer, number
 from .jobs import (
     JOBS_FOLDER,
@@ -352,11 +351,7 @@ class Job(ModelTrainerFutureBase):
     def start(self, slot: Slot) -> None:
         """Start the job's worker process on `slot`."""
         read_end, write_end = os.pipe()
-        env = {
-            **training_environment(dict(os.environ)),
-            **slot.environment(),
-            "CAIKIT_TUNING_PROGRESS_FD": str(write_end),
-        }
+        env = {**os.environ, **slot.environment(), "CAIKIT_TUNING_PROGRESS_FD": str(write_end)}
         config_files = runtime_folders().config_files
         if config_files:
             env["CONFIG_FILES"] = str(config_files)
