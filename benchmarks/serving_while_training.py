@@ -7,11 +7,11 @@ REST clients asking a served model for the sentiment of held-out reviews until t
 ends. Cases, alternating for `--rounds` rounds:
 
 - `shipped`: the environment as given (the server picks its spin, its workers inherit it);
-- `default_spin` / `spin_1000`: `GOMP_SPINCOUNT` set for the server and its workers
-  to libgomp's default count (300,000, set explicitly so that the server's import does
-  not choose for it) or to 1,000.
+- `spin_N` for each N in `--spins`: `GOMP_SPINCOUNT=N` set for the server and its
+  workers (300,000 is libgomp's default count, set explicitly so that the server's import
+  does not choose for it).
 
-    python benchmarks/serving_while_training.py --rounds 2
+    python benchmarks/serving_while_training.py --rounds 2 --spins 1000 10000 300000
 """
 
 from __future__ import annotations
@@ -29,14 +29,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "examples"))
 RESULTS = ROOT / "benchmarks" / "results"
-CASES = {
-    "shipped": {},
-    "default_spin": {"GOMP_SPINCOUNT": "300000"},  # libgomp's default count, set explicitly
-    "spin_1000": {"GOMP_SPINCOUNT": "1000"},
-}
 
 
-def run_case(case: str, round_: int, args, served: str, records, rows) -> dict:
+def spin_cases(spins: list[int]) -> dict[str, dict[str, str]]:
+    return {"shipped": {}} | {f"spin_{n}": {"GOMP_SPINCOUNT": str(n)} for n in spins}
+
+
+def run_case(case: str, env: dict, round_: int, args, served: str, records, rows) -> dict:
     import serve_and_tune as demo
 
     from caikit_tuning.bundled.smollm2 import NAME
@@ -45,7 +44,7 @@ def run_case(case: str, round_: int, args, served: str, records, rows) -> dict:
 
     saved = dict(os.environ)
     os.environ.pop("GOMP_SPINCOUNT", None)
-    os.environ.update(CASES[case])
+    os.environ.update(env)
     grpc_port, http_port = free_port(), free_port()
     log = Path(args.workdir) / f"server_{case}_{round_}.log"
     try:
@@ -113,8 +112,12 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--give-up-seconds", type=float, default=240.0)
+    parser.add_argument(
+        "--spins", type=int, nargs="+", default=[1000, 300000], help="GOMP_SPINCOUNT cases"
+    )
     parser.add_argument("--workdir", default="/tmp")
     parser.add_argument("--results-dir", default=str(RESULTS))
+    parser.add_argument("--name", default="serving_while_training", help="results file stem")
     args = parser.parse_args()
 
     import caikit
@@ -133,10 +136,11 @@ def main() -> None:
     ).save(str(ROOT / caikit.get_config().runtime.local_models_dir / served))
     records = read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl")[: args.steps * 8]
     rows = read_records_file(ROOT / "data" / "rt_sentiment_test.jsonl")[:400]
+    cases = spin_cases(args.spins)
     results = [
-        run_case(case, round_, args, served, records, rows)
+        run_case(case, env, round_, args, served, records, rows)
         for round_ in range(args.rounds)
-        for case in CASES
+        for case, env in cases.items()
     ]
     lines = [
         "# Serving and training on the same cores",
@@ -148,7 +152,7 @@ def main() -> None:
         "| case | training s per round | median | requests/s per round | median |",
         "| --- | --- | --- | --- | --- |",
     ]
-    for case in CASES:
+    for case in cases:
         runs = [r for r in results if r["case"] == case]
         seconds = [r["training_seconds"] or float("inf") for r in runs]
         rates = [r["requests_per_second"] for r in runs]
@@ -158,8 +162,8 @@ def main() -> None:
         )
     out = Path(args.results_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "serving_while_training.json").write_text(json.dumps(results, indent=2) + "\n")
-    (out / "serving_while_training.md").write_text("\n".join(lines) + "\n")
+    (out / f"{args.name}.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 

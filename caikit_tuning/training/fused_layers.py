@@ -1,4 +1,5 @@
-"""Llama decoder layers as fewer, larger operations, for training frozen layers under autocast.
+"""Llama-family decoder layers (Llama, Mistral, Qwen2) as fewer, larger operations, for
+training frozen layers under autocast.
 
 Prompt tuning trains none of the decoder's weights, yet transformers' Llama layer runs
 each step as many small operations, and on the CPU their count, not their arithmetic,
@@ -28,18 +29,50 @@ forward.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.llama.modeling_llama import (
-    LlamaAttention,
-    LlamaDecoderLayer,
-    LlamaMLP,
-    LlamaRMSNorm,
-    eager_attention_forward,
-)
+from transformers.models.llama import modeling_llama as llama
+from transformers.models.mistral import modeling_mistral as mistral
+from transformers.models.qwen2 import modeling_qwen2 as qwen2
+
+
+@dataclass(frozen=True)
+class _Family:
+    """A decoder layer class whose forward is Llama's, with the classes it must hold and
+    the sliding window its attention passes to the attention function (None: passes none)."""
+
+    attention: type
+    mlp: type
+    norm: type
+    eager: Callable
+    window: Callable[[torch.nn.Module], int | None] | None = None
+
+
+# Mistral and Qwen2 layers are Llama's but for attention biases (Qwen2's q/k/v) and a
+# sliding window handed to the attention function.
+_FAMILIES = {
+    llama.LlamaDecoderLayer: _Family(
+        llama.LlamaAttention, llama.LlamaMLP, llama.LlamaRMSNorm, llama.eager_attention_forward
+    ),
+    mistral.MistralDecoderLayer: _Family(
+        mistral.MistralAttention,
+        mistral.MistralMLP,
+        mistral.MistralRMSNorm,
+        mistral.eager_attention_forward,
+        lambda attn: getattr(attn.config, "sliding_window", None),
+    ),
+    qwen2.Qwen2DecoderLayer: _Family(
+        qwen2.Qwen2Attention,
+        qwen2.Qwen2MLP,
+        qwen2.Qwen2RMSNorm,
+        qwen2.eager_attention_forward,
+        lambda attn: attn.sliding_window,
+    ),
+}
 
 
 @contextlib.contextmanager
@@ -56,14 +89,13 @@ def fused_decoder_layers(model: torch.nn.Module, dtype: torch.dtype | None) -> I
 
 
 def _eligible(layer: torch.nn.Module, dtype: torch.dtype) -> bool:
-    if type(layer) is not LlamaDecoderLayer:
+    family = _FAMILIES.get(type(layer))
+    if family is None:
         return False
-    attn, mlp = layer.self_attn, layer.mlp
-    if type(attn) is not LlamaAttention or type(mlp) is not LlamaMLP:
+    if type(layer.self_attn) is not family.attention or type(layer.mlp) is not family.mlp:
         return False
-    if not all(
-        type(n) is LlamaRMSNorm for n in (layer.input_layernorm, layer.post_attention_layernorm)
-    ):
+    norms = (layer.input_layernorm, layer.post_attention_layernorm)
+    if not all(type(n) is family.norm for n in norms):
         return False
     linears = _projections(layer)
     return all(
@@ -93,15 +125,16 @@ def _concatenated(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.T
         rows = p.weight.shape[0]
         p.weight.data = weight[start : start + rows]
         start += rows
-    # Llama's config gives biases to all of a group's projections or to none.
+    # These configs give biases to all of a group's projections or to none.
     if linears[0].bias is None:
         return weight, None
     return weight, torch.cat([p.bias.detach() for p in linears])
 
 
 class _FusedLayer:
-    def __init__(self, layer: LlamaDecoderLayer, dtype: torch.dtype):
+    def __init__(self, layer: torch.nn.Module, dtype: torch.dtype):
         self.layer, self.dtype = layer, dtype
+        self.family = _FAMILIES[type(layer)]
         attn, mlp = layer.self_attn, layer.mlp
         self.heads = attn.config.num_attention_heads
         self.kv_heads = attn.config.num_key_value_heads
@@ -157,8 +190,10 @@ class _FusedLayer:
             [self.heads, self.kv_heads], dim=2
         )
         interface = ALL_ATTENTION_FUNCTIONS.get_interface(
-            attn.config._attn_implementation, eager_attention_forward
+            attn.config._attn_implementation, self.family.eager
         )
+        if self.family.window is not None:
+            kwargs = kwargs | {"sliding_window": self.family.window(attn)}
         out, _ = interface(
             attn,
             query.transpose(1, 2),
@@ -172,7 +207,7 @@ class _FusedLayer:
         return attn.o_proj(out.reshape(batch, length, -1).contiguous())
 
 
-def _rms_norm(norm: LlamaRMSNorm, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def _rms_norm(norm: torch.nn.Module, x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _RMSNorm.apply(x, norm.weight, norm.variance_epsilon, dtype)
 
 

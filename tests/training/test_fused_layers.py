@@ -1,10 +1,10 @@
-"""Fused Llama layers: transformers' forward values, gradients as close to float32 as
-transformers' own, and the model unchanged afterwards."""
+"""Fused Llama-family layers: transformers' forward values, gradients as close to float32
+as transformers' own, and the model unchanged afterwards."""
 
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, MistralConfig, Qwen2Config
 
 from caikit_tuning.data import Example, collate_packed
 from caikit_tuning.inputs import PromptPrefix
@@ -25,6 +25,34 @@ def _frozen(tiny_llama):
     return model.requires_grad_(False)
 
 
+def _tiny(config_class, **extra):
+    """A 2-layer model of another Llama-family architecture, in memory."""
+    torch.manual_seed(1)
+    config = config_class(
+        vocab_size=128,
+        hidden_size=48,
+        intermediate_size=96,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        initializer_range=0.2,
+        attn_implementation="sdpa",
+        **extra,
+    )
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    for name, parameter in model.named_parameters():
+        if name.endswith("bias"):  # Qwen2's q/k/v biases, zero at init
+            parameter.data.normal_(0, 0.2)
+    return model.requires_grad_(False)
+
+
+OTHER_FAMILIES = {
+    # A window shorter than the packed row, so that it changes the result.
+    "mistral": lambda: _tiny(MistralConfig, sliding_window=8),
+    "qwen2": lambda: _tiny(Qwen2Config, use_sliding_window=False),
+}
+
+
 def _loss_and_grad(model, prompt, autocast=True):
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
         loss = summed_token_loss(model, collate_packed(EXAMPLES), PromptPrefix(decoder=prompt))
@@ -33,9 +61,10 @@ def _loss_and_grad(model, prompt, autocast=True):
     return loss.item(), grad
 
 
+@pytest.mark.parametrize("family", ["llama", *OTHER_FAMILIES])
 @pytest.mark.parametrize("per_example", [False, True])
-def test_same_loss_and_a_gradient_as_close_to_float32(tiny_llama, per_example):
-    model = _frozen(tiny_llama)
+def test_same_loss_and_a_gradient_as_close_to_float32(tiny_llama, family, per_example):
+    model = _frozen(tiny_llama) if family == "llama" else OTHER_FAMILIES[family]()
     torch.manual_seed(0)
     prompt = torch.nn.Parameter(torch.randn(4, model.config.hidden_size) * 0.5)
     with segment_attention(model, enabled=per_example):
