@@ -6,17 +6,18 @@ from pathlib import Path
 
 # OpenMP threads spin between parallel regions before they sleep. libgomp reads how long
 # when torch loads, so it is decided here, by the command that started this process.
-# Training on its own keeps libgomp's default (300,000 spins): a step is many small
-# kernels, and threads that slept in between wake too late (measured on 2 cores,
-# SmolLM2-135M prompt tuning, the whole loop: 20 short-example steps 9.2-9.4 s against
-# 14.3-14.5 s at 1,000 spins; 10 long-example steps 21.8-22.1 s against 27.4-28.0 s).
-# A server spins briefly, and so do the training workers it starts (they inherit its
-# environment), since they share the cores with its inference threads: with 8 REST
-# clients busy, a 40-step job took 34-36 s at 1,000 spins and 114-216 s at the default,
-# and the clients got 6.0-6.5 against 5.7-6.0 requests/s. Never spinning
-# (OMP_WAIT_POLICY=PASSIVE) slowed concurrent serving to 117 tokens/s from 138.
-# Explicit settings win.
+# Training keeps libgomp's default (300,000 spins): a step is many small kernels, and
+# threads that slept in between wake too late (measured on 2 cores, SmolLM2-135M prompt
+# tuning, the whole loop: 20 short-example steps 9.2-9.4 s against 14.3-14.5 s at 1,000
+# spins; 10 long-example steps 21.8-22.1 s against 27.4-28.0 s). A server spins briefly,
+# since its inference threads share the cores with the jobs it trains. Its CPU training
+# workers go back to the default and give up a thread per core the server is using
+# instead (training/core_share.py): with 8 REST clients busy, a 40-step job took 30 s that
+# way, 36 s with both at 1,000 spins and 114-216 s at the default with all threads.
+# Never spinning (OMP_WAIT_POLICY=PASSIVE) slowed concurrent serving to 117 tokens/s
+# from 138. Explicit settings win.
 SERVER_COMMANDS = ("caikit_tuning.runtime", "caikit.runtime")
+SERVER_SPIN = "1000"
 
 
 def starts_a_server(argv: list[str]) -> bool:
@@ -29,12 +30,14 @@ def starts_a_server(argv: list[str]) -> bool:
     )
 
 
-if (
+# Whether this process chose its spin (its workers then choose their own).
+CHOSE_SERVER_SPIN = (
     "OMP_WAIT_POLICY" not in os.environ
     and "GOMP_SPINCOUNT" not in os.environ
     and starts_a_server(sys.orig_argv)
-):
-    os.environ["GOMP_SPINCOUNT"] = "1000"
+)
+if CHOSE_SERVER_SPIN:
+    os.environ["GOMP_SPINCOUNT"] = SERVER_SPIN
 
 import caikit  # noqa: E402
 from caikit.core.registries import module_backend_types  # noqa: E402

@@ -34,6 +34,9 @@ def main(folder: Path) -> int:
     try:
         import caikit_tuning  # noqa: F401  (configures caikit, registers modules)
         from caikit_tuning.runtime.job_runner import run_job
+        from caikit_tuning.training.core_share import shared_cores
+
+        shared_cores()  # threads for the cores the server leaves, before the model loads
 
         run_job(folder, lambda entry: send({"event": "progress", **entry}))
     except BaseException as err:  # noqa: BLE001  (report every failure to the server)

@@ -46,7 +46,9 @@ from caikit.core.model_management.model_trainer_base import (
     ModelTrainerFutureBase,
 )
 
+from .. import CHOSE_SERVER_SPIN, SERVER_SPIN
 from ..data_model.values import integer, number
+from ..training.core_share import ENV as CORE_SHARE_ENV
 from .jobs import (
     JOBS_FOLDER,
     LOG_FILE,
@@ -72,10 +74,14 @@ class Slot:
     index: int
     threads: int | None = None
 
-    def environment(self) -> dict[str, str]:
+    def environment(self, server_env: dict[str, str]) -> dict[str, str]:
+        """The worker's environment, from the server's."""
         if self.kind == "cuda":
-            return {"CUDA_VISIBLE_DEVICES": str(self.index)}
-        env = {"CUDA_VISIBLE_DEVICES": ""}
+            return {**server_env, "CUDA_VISIBLE_DEVICES": str(self.index)}
+        env = {**server_env, "CUDA_VISIBLE_DEVICES": "", CORE_SHARE_ENV: "1"}
+        if CHOSE_SERVER_SPIN and env.get("GOMP_SPINCOUNT") == SERVER_SPIN:
+            # libgomp's default spin, with a thread given up per core others use.
+            del env["GOMP_SPINCOUNT"]
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         return env
@@ -351,7 +357,7 @@ class Job(ModelTrainerFutureBase):
     def start(self, slot: Slot) -> None:
         """Start the job's worker process on `slot`."""
         read_end, write_end = os.pipe()
-        env = {**os.environ, **slot.environment(), "CAIKIT_TUNING_PROGRESS_FD": str(write_end)}
+        env = {**slot.environment(dict(os.environ)), "CAIKIT_TUNING_PROGRESS_FD": str(write_end)}
         config_files = runtime_folders().config_files
         if config_files:
             env["CONFIG_FILES"] = str(config_files)

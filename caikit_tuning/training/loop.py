@@ -16,6 +16,7 @@ from tqdm.auto import tqdm
 from ..data.batching import Batch, length_grouped_batches
 from ..data.tokenize import Example
 from . import checkpoints, distributed
+from .core_share import shared_cores
 from .progress import report
 from .schedule import build_optimizer, build_schedule
 from .settings import TrainingSettings
@@ -129,6 +130,7 @@ class _Run:
         self.accuracy_fn = None
         self.on_log = None
         self.after_step = None
+        self.cores = shared_cores() if device.type == "cpu" else None
 
     # ----------------------------------------------------------------- loop
 
@@ -192,6 +194,8 @@ class _Run:
         step_loss = torch.zeros((), device=self.device)
         tokens = [0, 0, 0]  # real, padded, target
         for idx in mine:
+            if self.cores is not None:
+                self.cores.adjust()
             batch = self.collate([self.examples[i] for i in idx])
             with self.autocast:
                 loss = self.loss_fn(batch.to(self.device)) / window_tokens

@@ -132,7 +132,7 @@ def test_one_job_per_gpu():
     for slot in slots:
         seen = subprocess.run(
             [sys.executable, "-c", "import torch; print(torch.cuda.device_count())"],
-            env={**os.environ, **slot.environment()},
+            env=slot.environment(dict(os.environ)),
             capture_output=True,
             text=True,
             check=True,

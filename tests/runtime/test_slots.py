@@ -8,7 +8,7 @@ from caikit_tuning.runtime.worker_pool import Slot, plan_slots
 def test_one_slot_per_visible_gpu():
     slots = plan_slots("auto", cpu_slots=3, gpu_count=2, cpu_count=16)
     assert slots == [Slot("cuda", 0), Slot("cuda", 1)]
-    assert slots[1].environment() == {"CUDA_VISIBLE_DEVICES": "1"}
+    assert slots[1].environment({"PATH": "/bin"}) == {"PATH": "/bin", "CUDA_VISIBLE_DEVICES": "1"}
 
 
 def test_explicit_gpu_list():
@@ -18,7 +18,11 @@ def test_explicit_gpu_list():
 def test_cpu_slots_split_the_cores_and_hide_gpus():
     slots = plan_slots("auto", cpu_slots=2, gpu_count=0, cpu_count=8)
     assert slots == [Slot("cpu", 0, 4), Slot("cpu", 1, 4)]
-    assert slots[0].environment() == {"CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "4"}
+    assert slots[0].environment({}) == {
+        "CUDA_VISIBLE_DEVICES": "",
+        "OMP_NUM_THREADS": "4",
+        "CAIKIT_TUNING_SHARE_CORES": "1",  # its threads make room for the server's
+    }
 
 
 def test_forcing_cpu_on_a_gpu_machine():

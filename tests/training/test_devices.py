@@ -1,3 +1,5 @@
+import json
+
 import pytest
 import torch
 
@@ -35,7 +37,7 @@ def test_auto_device_picks_cuda_when_present(monkeypatch):
     [
         # Training on its own (any process that is not a server) keeps libgomp's default.
         ({}, ["-c", "..."], ["None", "None"]),
-        # A server spins briefly (and its training workers inherit it).
+        # A server spins briefly.
         ({}, ["-m", "caikit_tuning.runtime"], ["1000", "None"]),
         ({}, ["/venv/bin/caikit-tuning", "serve"], ["1000", "None"]),
         # Explicit settings win.
@@ -57,3 +59,30 @@ def test_openmp_spin_is_short_only_in_a_server(preset, command, expected):
         [sys.executable, "-c", code], env={**env, **preset}, capture_output=True, text=True
     )
     assert out.stdout.split() == expected, out.stderr
+
+
+@pytest.mark.parametrize(
+    ("preset", "expected"),
+    [
+        # The spin the server chose: its CPU workers go back to libgomp's default...
+        ({}, {"cpu": None, "cuda": "1000"}),
+        # ...but not one the user set.
+        ({"GOMP_SPINCOUNT": "1000"}, {"cpu": "1000", "cuda": "1000"}),
+    ],
+)
+def test_a_servers_cpu_workers_keep_the_default_spin(preset, expected):
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    code = (
+        "import sys; sys.orig_argv[1:] = ['-m', 'caikit_tuning.runtime']; import os, json; "
+        "from caikit_tuning.runtime.worker_pool import Slot; "
+        "print(json.dumps({k: Slot(k, 0, 2).environment(dict(os.environ)).get('GOMP_SPINCOUNT')"
+        " for k in ('cpu', 'cuda')}))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], env={**env, **preset}, capture_output=True, text=True
+    )
+    assert json.loads(out.stdout) == expected, out.stderr
