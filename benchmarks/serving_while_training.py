@@ -35,16 +35,17 @@ def spin_cases(spins: list[int]) -> dict[str, dict[str, str]]:
     return {"shipped": {}} | {f"spin_{n}": {"GOMP_SPINCOUNT": str(n)} for n in spins}
 
 
-def run_case(case: str, env: dict, round_: int, args, served: str, records, rows) -> dict:
+def run_case(
+    case: str, env: dict, round_: int, args, folders: dict, served: str, records, rows
+) -> dict:
     import serve_and_tune as demo
 
-    from caikit_tuning.bundled.smollm2 import NAME
     from caikit_tuning.runtime.client import TuningClient
     from caikit_tuning.runtime.process import free_port
 
     saved = dict(os.environ)
     os.environ.pop("GOMP_SPINCOUNT", None)
-    os.environ.update(env)
+    os.environ.update(env | folders)
     grpc_port, http_port = free_port(), free_port()
     log = Path(args.workdir) / f"server_{case}_{round_}.log"
     try:
@@ -57,7 +58,7 @@ def run_case(case: str, env: dict, round_: int, args, served: str, records, rows
         client.generate(served, rows[0]["input"], max_new_tokens=3)  # loaded before timing
         job = client.train_prompt_tuning(
             f"swt-{case}-{round_}",
-            NAME,
+            args.model,
             records=records,
             tuning_config={"num_virtual_tokens": 20},
             verbalizer=demo.VERBALIZER,
@@ -109,6 +110,11 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
+    parser.add_argument(
+        "--model",
+        default="SmolLM2-135M-Instruct",
+        help='the bundled model, or "tiny" (a tiny llama built in --workdir, for smoke tests)',
+    )
     parser.add_argument("--steps", type=int, default=40, help="training steps at batch 8")
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=2)
@@ -135,24 +141,42 @@ def main() -> None:
     from caikit_tuning.data import read_records_file
 
     os.chdir(ROOT)
+    Path(args.workdir).mkdir(parents=True, exist_ok=True)
     caikit.configure(str(ROOT / "runtime_config.yaml"))
-    prepare_smollm2(ROOT / caikit.get_config().base_models_dir)
-    served = "swt-zero-shot"
-    InContextLearning.train(
-        NAME, task_description=demo.DESCRIPTION, verbalizer=demo.VERBALIZER, device="cpu"
-    ).save(str(ROOT / caikit.get_config().runtime.local_models_dir / served))
     records = read_records_file(ROOT / "data" / "rt_sentiment_train.jsonl")[: args.steps * 8]
     rows = read_records_file(ROOT / "data" / "rt_sentiment_test.jsonl")[:400]
+    folders = {}  # the shipped config's folders, or the workdir's for the tiny model
+    if args.model == "tiny":
+        from caikit_tuning.testing.tiny_models import build_tiny_llama
+
+        work = Path(args.workdir).resolve()
+        build_tiny_llama(work / "base" / "tiny", [r["input"] for r in records + rows])
+        served_dir = work / "served"
+        folders = {
+            "BASE_MODELS_DIR": str(work / "base"),
+            "RUNTIME_LOCAL_MODELS_DIR": str(served_dir),
+            "RUNTIME_TRAINING_OUTPUT_DIR": str(served_dir),
+        }
+        caikit.configure(config_dict={"base_models_dir": str(work / "base")})
+    elif args.model == NAME:
+        prepare_smollm2(ROOT / caikit.get_config().base_models_dir)
+        served_dir = ROOT / caikit.get_config().runtime.local_models_dir
+    else:
+        raise SystemExit(f'--model is {NAME} or "tiny", not {args.model!r}')
+    served = "swt-zero-shot"
+    InContextLearning.train(
+        args.model, task_description=demo.DESCRIPTION, verbalizer=demo.VERBALIZER, device="cpu"
+    ).save(str(served_dir / served))
     cases = spin_cases(args.spins)
     results = [
-        run_case(case, env, round_, args, served, records, rows)
+        run_case(case, env, round_, args, folders, served, records, rows)
         for round_ in range(args.rounds)
         for case, env in cases.items()
     ]
     lines = [
         "# Serving and training on the same cores",
         "",
-        f"A {args.steps}-step PeftPromptTuning job (SmolLM2-135M, batch 8) submitted over gRPC"
+        f"A {args.steps}-step PeftPromptTuning job ({args.model}, batch 8) submitted over gRPC"
         f" to a server started from runtime_config.yaml, while {args.clients} REST clients ask"
         f" a served model (from {args.clients_after:g} s after the submission); medians over"
         " the rounds.",

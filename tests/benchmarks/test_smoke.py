@@ -69,6 +69,20 @@ def test_serving_benchmark_smoke(tmp_path):
     assert summary["throughput_ratio"] > 0 and summary["memory_ratio"] > 0
 
 
+def test_serving_while_training_benchmark_smoke(tmp_path):
+    """A server from the shipped config trains while clients ask it, for two spin cases."""
+    results = run_benchmark(
+        "serving_while_training.py",
+        tmp_path,
+        *("--steps", "3", "--rounds", "1", "--spins", "1000", "--clients", "2"),
+        *("--workdir", str(tmp_path / "work"), "--give-up-seconds", "120", "--name", "ci_smoke"),
+    )
+    assert [r["case"] for r in results] == ["shipped", "spin_1000"]
+    for result in results:
+        assert result["state"] == "COMPLETED", result
+        assert result["training_seconds"] > 0 and result["requests_per_second"] > 0
+
+
 def test_serving_adapters_benchmark_smoke(tmp_path):
     summary = run_benchmark(
         "serving_adapters.py",
