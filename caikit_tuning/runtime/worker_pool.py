@@ -49,6 +49,7 @@ from caikit.core.model_management.model_trainer_base import (
 from .. import CHOSE_SERVER_SPIN, SERVER_SPIN
 from ..data_model.values import integer, number
 from ..training.core_share import ENV as CORE_SHARE_ENV
+from ..training.core_share import sees_the_whole_machine
 from .jobs import (
     JOBS_FOLDER,
     LOG_FILE,
@@ -78,10 +79,12 @@ class Slot:
         """The worker's environment, from the server's."""
         if self.kind == "cuda":
             return {**server_env, "CUDA_VISIBLE_DEVICES": str(self.index)}
-        env = {**server_env, "CUDA_VISIBLE_DEVICES": "", CORE_SHARE_ENV: "1"}
-        if CHOSE_SERVER_SPIN and env.get("GOMP_SPINCOUNT") == SERVER_SPIN:
-            # libgomp's default spin, with a thread given up per core others use.
-            del env["GOMP_SPINCOUNT"]
+        env = {**server_env, "CUDA_VISIBLE_DEVICES": ""}
+        if sees_the_whole_machine():  # else the server's short spin, all threads
+            env[CORE_SHARE_ENV] = "1"
+            if CHOSE_SERVER_SPIN and env.get("GOMP_SPINCOUNT") == SERVER_SPIN:
+                # libgomp's default spin, with a thread given up per core others use.
+                del env["GOMP_SPINCOUNT"]
         if self.threads:
             env["OMP_NUM_THREADS"] = str(self.threads)
         return env

@@ -13,14 +13,18 @@ less this process's own, and sets torch's thread count to the cores left (at lea
 at most the job's share). The worker reads once as it starts, and the training loop
 again every second; threads come back only after the cores have been free for
 `calm_seconds`. It must be called from the training thread: OpenMP's thread count
-belongs to the thread that sets it.
+belongs to the thread that sets it. The worker pool asks for it only where /proc/stat
+describes the worker's own cores (`sees_the_whole_machine`); in a container with a CPU
+limit it shows the host's, and workers keep the server's short spin there.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import alog
 import torch
@@ -38,11 +42,45 @@ def machine_busy_seconds() -> tuple[float, int] | None:
     try:
         with open("/proc/stat", encoding="ascii") as stat:
             lines = stat.read().splitlines()
-    except OSError:
+        fields = [int(v) for v in lines[0].split()[1:]]
+        busy = sum(fields[i] for i in _BUSY_FIELDS) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):  # absent, or not Linux's format
         return None
-    fields = [int(v) for v in lines[0].split()[1:]]
     cores = sum(1 for line in lines[1:] if line.startswith("cpu"))
-    return sum(fields[i] for i in _BUSY_FIELDS) / os.sysconf("SC_CLK_TCK"), cores
+    return (busy, cores) if cores else None
+
+
+def _cgroup_quota_files() -> list[Path]:
+    """Where this process's CPU quota may be: cgroup v2's cpu.max and v1's
+    cpu.cfs_quota_us, at the mount's root (a container's own) and at its cgroup's path."""
+    roots = [Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct")]
+    paths = [""]
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers in ("", "cpu", "cpu,cpuacct", "cpuacct,cpu"):
+                paths.append(path.lstrip("/"))
+    return [
+        root / path / name
+        for root in roots
+        for path in paths
+        for name in ("cpu.max", "cpu.cfs_quota_us")
+    ]
+
+
+def sees_the_whole_machine() -> bool:
+    """Whether /proc/stat describes the cores this process runs on: every core of the
+    machine is allowed to it and no cgroup caps its CPU time (in a container with a CPU
+    limit, /proc/stat shows the host, and others' use there says nothing about ours)."""
+    sample = machine_busy_seconds()
+    if sample is None or sample[1] != len(os.sched_getaffinity(0)):
+        return False
+    for file in _cgroup_quota_files():
+        with contextlib.suppress(OSError):
+            quota = file.read_text().split()[0]
+            if quota not in ("max", "-1"):
+                return False
+    return True
 
 
 def own_seconds() -> float:

@@ -1,6 +1,7 @@
 """CoreShare: a CPU job gives up a thread per core other processes use, and takes it back
 once the cores have been free for a while."""
 
+import os
 import subprocess
 import sys
 import time
@@ -8,7 +9,12 @@ import time
 import pytest
 import torch
 
-from caikit_tuning.training.core_share import CoreShare, machine_busy_seconds, threads_wanted
+from caikit_tuning.training.core_share import (
+    CoreShare,
+    machine_busy_seconds,
+    sees_the_whole_machine,
+    threads_wanted,
+)
 
 
 @pytest.mark.parametrize(
@@ -79,3 +85,19 @@ def test_a_busy_process_is_seen_as_others_not_as_own(threads):
         busy.kill()
         busy.wait()
     assert share.others >= 0.8  # a whole core, less what the reading rounds off
+
+
+@pytest.mark.skipif(
+    machine_busy_seconds() is None
+    or len(os.sched_getaffinity(0)) < 2
+    or not sees_the_whole_machine(),
+    reason="needs /proc/stat and two allowed cores",
+)
+def test_a_process_pinned_to_fewer_cores_does_not_read_the_machine_as_its_own():
+    code = (
+        "import os; os.sched_setaffinity(0, {min(os.sched_getaffinity(0))}); "
+        "from caikit_tuning.training.core_share import sees_the_whole_machine; "
+        "print(sees_the_whole_machine())"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.split() == ["False"], out.stderr
