@@ -55,17 +55,13 @@ def _cgroup_quota_files() -> list[Path]:
     cpu.cfs_quota_us, at the mount's root (a container's own) and at its cgroup's path."""
     roots = [Path("/sys/fs/cgroup"), Path("/sys/fs/cgroup/cpu"), Path("/sys/fs/cgroup/cpu,cpuacct")]
     paths = [""]
-    with contextlib.suppress(OSError):
+    with contextlib.suppress(OSError, ValueError):
         for line in Path("/proc/self/cgroup").read_text().splitlines():
             _, controllers, path = line.split(":", 2)
             if controllers in ("", "cpu", "cpu,cpuacct", "cpuacct,cpu"):
                 paths.append(path.lstrip("/"))
-    return [
-        root / path / name
-        for root in roots
-        for path in paths
-        for name in ("cpu.max", "cpu.cfs_quota_us")
-    ]
+    names = ("cpu.max", "cpu.cfs_quota_us")
+    return list(dict.fromkeys(root / p / name for root in roots for p in paths for name in names))
 
 
 def sees_the_whole_machine() -> bool:
@@ -76,7 +72,7 @@ def sees_the_whole_machine() -> bool:
     if sample is None or sample[1] != len(os.sched_getaffinity(0)):
         return False
     for file in _cgroup_quota_files():
-        with contextlib.suppress(OSError):
+        with contextlib.suppress(OSError, IndexError):
             quota = file.read_text().split()[0]
             if quota not in ("max", "-1"):
                 return False
