@@ -21,6 +21,7 @@ Without `segment_lengths` (generation, validation of padded batches) it is plain
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 import math
 from collections.abc import Iterator
@@ -67,26 +68,30 @@ def segment_attention_forward(
         kwargs.get("sliding_window"), prefix_length + max(segment_lengths)
     ):
         raise ValueError("per-example attention supports neither logit soft-capping nor windows")
+    chunks = group_segments(segment_lengths, CPU_CHUNK_POSITIONS if query.is_cpu else 1)
+    if query.is_cpu and not dropout:
+        scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+        calls, gather = _row_calls(chunks, prefix_length, query.shape[1] // key.shape[1], query)
+        return _attention(query, key, value, calls, gather, scale), None
     groups = getattr(module, "num_key_value_groups", 1)
     key, value = repeat_kv(key, groups), repeat_kv(value, groups)
-    on_cpu = query.device.type == "cpu"
-    kernel = matmul_attention if on_cpu else sdpa_attention
-    chunks = group_segments(segment_lengths, CPU_CHUNK_POSITIONS if on_cpu else 1)
     sizes = [sum(chunk) for chunk in chunks]
     sizes = [prefix_length, *sizes] if prefix_length else sizes
     queries, keys, values = (t.split(sizes, dim=2) for t in (query, key, value))
     if not prefix_length:
         pieces = [
-            kernel(q, k, v, chunk, 0, dropout, scaling)
+            sdpa_attention(q, k, v, chunk, 0, dropout, scaling)
             for chunk, q, k, v in zip(chunks, queries, keys, values, strict=True)
         ]
     else:
         # The prompt attends to itself; each example to the prompt and causally to itself.
         prompt_key, prompt_value = keys[0], values[0]
-        pieces = [kernel(queries[0], prompt_key, prompt_value, sizes[:1], 0, dropout, scaling)]
+        pieces = [
+            sdpa_attention(queries[0], prompt_key, prompt_value, sizes[:1], 0, dropout, scaling)
+        ]
         for chunk, q, k, v in zip(chunks, queries[1:], keys[1:], values[1:], strict=True):
             pieces.append(
-                kernel(
+                sdpa_attention(
                     q,
                     torch.cat([prompt_key, k], dim=2),
                     torch.cat([prompt_value, v], dim=2),
@@ -124,11 +129,16 @@ def segment_mask(
 
 
 def segment_bias(
-    lengths: tuple[int, ...], prefix: int, device: torch.device, dtype: torch.dtype
+    lengths: tuple[int, ...],
+    prefix: int,
+    device: torch.device,
+    dtype: torch.dtype,
+    groups: int = 1,
 ) -> torch.Tensor:
     """`segment_mask` as an additive bias of `dtype` (0 where allowed, -inf elsewhere),
-    causal where the mask would be None."""
-    return _kept(_segment_bias, lengths, prefix, device, dtype)
+    causal where the mask would be None; each query's row repeated `groups` times (the
+    query heads that share a key head, stacked by position: see `_Attention`)."""
+    return _kept(_segment_bias, lengths, prefix, device, dtype, groups, rows_each=groups)
 
 
 # Masks and biases up to this many elements are kept between calls: every layer, and
@@ -136,9 +146,9 @@ def segment_bias(
 KEPT_MASK_ELEMENTS = 2**20
 
 
-def _kept(build, lengths, prefix, *args):
+def _kept(build, lengths, prefix, *args, rows_each=1):
     total = sum(lengths)
-    if total * (prefix + total) > KEPT_MASK_ELEMENTS:
+    if total * rows_each * (prefix + total) > KEPT_MASK_ELEMENTS:
         return build.__wrapped__(lengths, prefix, *args)
     return build(lengths, prefix, *args)
 
@@ -158,12 +168,13 @@ def _segment_mask(lengths: tuple[int, ...], prefix: int, device: torch.device) -
 
 @functools.lru_cache(maxsize=64)
 def _segment_bias(
-    lengths: tuple[int, ...], prefix: int, device: torch.device, dtype: torch.dtype
+    lengths: tuple[int, ...], prefix: int, device: torch.device, dtype: torch.dtype, groups: int
 ) -> torch.Tensor:
     allowed = _segment_mask.__wrapped__(lengths, prefix, device)
-    return torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
+    bias = torch.zeros(allowed.shape, dtype=dtype, device=device).masked_fill_(
         ~allowed, float("-inf")
     )
+    return bias.repeat_interleave(groups, dim=0) if groups > 1 else bias
 
 
 def sdpa_attention(q, k, v, lengths, prefix, dropout, scaling):
@@ -177,60 +188,170 @@ def sdpa_attention(q, k, v, lengths, prefix, dropout, scaling):
 
 
 def matmul_attention(q, k, v, lengths, prefix, dropout, scaling):
-    """`sdpa_attention` as two matmuls and a float32 softmax (transformers' eager
-    precision), in one autograd node: for example-sized sequences on the CPU its fewer
-    passes over the scores make it about 1.5x faster, forward and backward, than the
-    same arithmetic as separate operators (SmolLM2-135M layer shapes, bf16, one example of
-    150-207 positions after a 20-token prompt: 2.3-4.1 ms against 3.9-6.7), and 2-3x
-    faster than SDPA's CPU kernel. The results are bit-identical to those operators'
-    under autograd. With dropout it is `sdpa_attention`."""
+    """`sdpa_attention` as `_Attention`'s matmuls and float32 softmax, in one call (with
+    dropout it is `sdpa_attention`). k and v may have fewer heads than q (grouped-query
+    attention)."""
     if dropout > 0:
         return sdpa_attention(q, k, v, lengths, prefix, dropout, scaling)
-    device = q.device.type
-    dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else q.dtype
-    bias = segment_bias(tuple(lengths), prefix, q.device, dtype)
     scale = scaling if scaling is not None else q.shape[-1] ** -0.5
-    with torch.autocast(device, enabled=False):
-        return _MatmulAttention.apply(q.to(dtype), k.to(dtype), v.to(dtype), bias, scale)
+    n, groups = sum(lengths), q.shape[1] // k.shape[1]
+    bias = segment_bias(tuple(lengths), prefix, q.device, _matmul_dtype(q), groups)
+    calls = [_Call(0, n, slice(0, prefix + n), bias)]
+    return _attention(q, k, v, calls, None, scale).transpose(1, 2)
 
 
-class _MatmulAttention(torch.autograd.Function):
-    """softmax(q k^T * scale + bias) v, the scores rounded to the matmul dtype before the
-    scale and the float32 softmax, as the eager formula rounds them. A power-of-two scale
-    (head sizes 64, 256) is exact, so it goes into the matmuls; another is applied in the
-    matmul dtype to the scores and to their gradient, where the eager formula rounds it."""
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One attention call of `_Attention`: queries start..start+size over `keys`."""
+
+    start: int
+    size: int
+    keys: slice  # positions of the keys, or of the gathered keys where there are some
+    bias: torch.Tensor  # (size x groups, keys), as `segment_bias` with `groups`
+
+
+def _row_calls(chunks, prefix, groups, query):
+    """The calls for a packed row of `prefix` positions, then `chunks` of segments, and
+    the key positions to gather so that each call's keys are consecutive (None: no
+    prefix, so they already are): the prefix, then each chunk after its own prefix copy."""
+    dtype, device = _matmul_dtype(query), query.device
+    calls, gather, start = [], [], 0
+    if prefix:
+        calls.append(
+            _Call(0, prefix, slice(0, prefix), segment_bias((prefix,), 0, device, dtype, groups))
+        )
+        gather.append(torch.arange(prefix))
+        start = prefix
+    at = start
+    for chunk in chunks:
+        n = sum(chunk)
+        bias = segment_bias(chunk, prefix, device, dtype, groups)
+        if prefix:
+            calls.append(_Call(start, n, slice(at, at + prefix + n), bias))
+            gather += [torch.arange(prefix), torch.arange(start, start + n)]
+            at += prefix + n
+        else:
+            calls.append(_Call(start, n, slice(start, start + n), bias))
+        start += n
+    return calls, torch.cat(gather).to(device) if prefix else None
+
+
+def _matmul_dtype(query: torch.Tensor) -> torch.dtype:
+    device = query.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else query.dtype
+
+
+def _attention(query, key, value, calls, gather, scale):
+    dtype = _matmul_dtype(query)
+    with torch.autocast(query.device.type, enabled=False):
+        return _Attention.apply(
+            query.to(dtype), key.to(dtype), value.to(dtype), calls, gather, scale
+        )
+
+
+class _Attention(torch.autograd.Function):
+    """softmax(q k^T * scale + bias) v for each of `calls` over a (1, heads, row, dim)
+    query and (1, key heads, row, dim) keys and values, written into one (1, row, heads,
+    dim) output: the layout the attention output projection reads, so there is no
+    concatenation or transpose after it. The queries of the heads that share a key head
+    are stacked (position-major) into one matrix against that head's keys, so grouped keys
+    and values are never repeated and each call is three batched products, not one per
+    query head. The scores are rounded to the matmul dtype before the scale and the
+    float32 softmax, as transformers' eager formula rounds them; a power-of-two scale
+    (head sizes 64, 256) is exact, so it goes into the matmuls, and another is applied in
+    the matmul dtype to the scores and their gradient, where the eager formula rounds it.
+
+    For one query head per key head the results are bit-identical to the eager formula's
+    under autograd. With more, the forward still is, and a key or value gradient sums
+    its heads in float32 inside the product (the eager formula sums per-head gradients
+    rounded to the matmul dtype). Measured on SmolLM2-135M layer shapes (9 query heads
+    over 3 key heads), 2 CPU cores, bf16, a packed row of a 20-token prompt and 8
+    examples, forward and backward, in one process alternating with the previous form (a
+    node per call over repeated keys, concatenated after): 25-60-token examples 4.2-5.0
+    ms against 4.7-5.6 (paired ratio 0.88-0.90 in three runs), 170-223-token examples
+    no faster (0.98-1.01: there the time is in the products and the softmax)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, bias, scale):
-        n, m, dim = q.shape[-2], k.shape[-2], q.shape[-1]
-        q3, k3, v3 = q.reshape(-1, n, dim), k.reshape(-1, m, dim), v.reshape(-1, m, dim)
+    def forward(ctx, query, key, value, calls, gather, scale):
+        heads, key_heads = query.shape[1], key.shape[1]
+        groups, row, dim = heads // key_heads, query.shape[2], query.shape[3]
+        q, k, v = query[0], key[0], value[0]
+        if gather is not None:
+            k, v = k.index_select(1, gather), v.index_select(1, gather)
         exact = math.frexp(scale)[0] == 0.5
-        scores = torch.baddbmm(bias, q3, k3.transpose(1, 2), alpha=scale if exact else 1.0)
-        if not exact:
-            scores.mul_(scale)
-        probs = torch.softmax(scores, -1, dtype=torch.float32)
-        weights = probs.to(q.dtype)
-        ctx.save_for_backward(q3, k3, v3, probs, weights)
-        ctx.scale, ctx.exact, ctx.shapes = scale, exact, (q.shape, k.shape)
-        return torch.bmm(weights, v3).view(q.shape)
+        out = query.new_empty(1, row, heads, dim)
+        saved = []
+        for call in calls:
+            n = call.size
+            stacked = _stack(q[:, call.start : call.start + n], key_heads, groups)
+            keys, values = k[:, call.keys], v[:, call.keys]
+            scores = torch.baddbmm(
+                call.bias, stacked, keys.transpose(1, 2), alpha=scale if exact else 1.0
+            )
+            if not exact:
+                scores.mul_(scale)
+            probs = torch.softmax(scores, -1, dtype=torch.float32)
+            weights = probs.to(q.dtype)
+            _unstack(torch.bmm(weights, values), out[0, call.start : call.start + n], groups)
+            saved += [stacked, probs, weights]
+        ctx.save_for_backward(k, v, *saved)
+        ctx.calls, ctx.gather, ctx.scale, ctx.exact = calls, gather, scale, exact
+        ctx.key_shape = key.shape
+        return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q3, k3, v3, probs, weights = ctx.saved_tensors
-        q_shape, k_shape = ctx.shapes
-        grad_out = grad_out.reshape(q3.shape).to(q3.dtype)
-        grad_v = torch.bmm(weights.transpose(1, 2), grad_out)
-        grad_weights = torch.bmm(grad_out, v3.transpose(1, 2)).float()
-        grad_scores = torch._softmax_backward_data(grad_weights, probs, -1, torch.float32)
-        grad_scores = grad_scores.to(q3.dtype)
-        if not ctx.exact:
-            grad_scores.mul_(ctx.scale)
-        grad_q = torch.bmm(grad_scores, k3)
-        grad_k = torch.bmm(grad_scores.transpose(1, 2), q3)
-        if ctx.exact:
-            grad_q.mul_(ctx.scale)
-            grad_k.mul_(ctx.scale)
-        return grad_q.view(q_shape), grad_k.view(k_shape), grad_v.view(k_shape), None, None
+        k, v, *saved = ctx.saved_tensors
+        key_heads, groups = k.shape[0], grad_out.shape[2] // k.shape[0]
+        grad_q = grad_out.new_empty(grad_out.shape, dtype=k.dtype)
+        grad_k, grad_v = torch.empty_like(k), torch.empty_like(v)
+        for i, call in enumerate(ctx.calls):
+            stacked, probs, weights = saved[3 * i : 3 * i + 3]
+            n = call.size
+            keys, values = k[:, call.keys], v[:, call.keys]
+            grad = _stack(
+                grad_out[0, call.start : call.start + n].transpose(0, 1), key_heads, groups
+            )
+            grad = grad.to(k.dtype)
+            grad_v[:, call.keys] = torch.bmm(weights.transpose(1, 2), grad)
+            grad_weights = torch.bmm(grad, values.transpose(1, 2)).float()
+            grad_scores = torch._softmax_backward_data(grad_weights, probs, -1, torch.float32)
+            grad_scores = grad_scores.to(k.dtype)
+            if not ctx.exact:
+                grad_scores.mul_(ctx.scale)
+            grad_stacked = torch.bmm(grad_scores, keys)
+            grad_keys = torch.bmm(grad_scores.transpose(1, 2), stacked)
+            if ctx.exact:
+                grad_stacked.mul_(ctx.scale)
+                grad_keys.mul_(ctx.scale)
+            _unstack(grad_stacked, grad_q[0, call.start : call.start + n], groups)
+            grad_k[:, call.keys] = grad_keys
+        if ctx.gather is not None:  # a prefix key's gradient: the sum over its copies
+            rows = ctx.key_shape[2]
+            grad_k = grad_k.new_zeros(key_heads, rows, k.shape[-1]).index_add_(
+                1, ctx.gather, grad_k
+            )
+            grad_v = grad_v.new_zeros(key_heads, rows, v.shape[-1]).index_add_(
+                1, ctx.gather, grad_v
+            )
+        return grad_q.transpose(1, 2), grad_k[None], grad_v[None], None, None, None
+
+
+def _stack(q: torch.Tensor, key_heads: int, groups: int) -> torch.Tensor:
+    """(heads, n, dim) queries as (key heads, n x groups, dim): row i x groups + g is
+    position i of the g-th query head over that key head (transformers' `repeat_kv`
+    order). A copy."""
+    heads, n, dim = q.shape
+    return q.view(key_heads, groups, n, dim).transpose(1, 2).reshape(key_heads, n * groups, dim)
+
+
+def _unstack(stacked: torch.Tensor, out: torch.Tensor, groups: int) -> None:
+    """Write `_stack`ed (key heads, n x groups, dim) rows into (n, heads, dim) `out`."""
+    key_heads, rows, dim = stacked.shape
+    n = rows // groups
+    out.view(n, key_heads, groups, dim).copy_(
+        stacked.view(key_heads, n, groups, dim).transpose(0, 1)
+    )
 
 
 def fits_window(window: int | None, length: int) -> bool:

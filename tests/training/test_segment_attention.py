@@ -196,3 +196,65 @@ def test_large_masks_are_built_per_call_and_small_ones_kept():
     large = segment_module.segment_bias((side,), 0, cpu, torch.bfloat16)
     assert segment_module.segment_bias((side,), 0, cpu, torch.bfloat16) is not large
     assert torch.equal(large, segment_module.segment_bias((side,), 0, cpu, torch.bfloat16))
+
+
+def test_a_packed_row_with_grouped_keys_matches_the_eager_formula_per_example_under_bf16():
+    # 6 query heads over 2 key heads, a 3-position prompt every example sees, and three
+    # examples, as segment_attention_forward runs them on the CPU (one call per example).
+    generator = torch.Generator().manual_seed(0)
+    prefix, lengths, heads, key_heads = 3, [5, 2, 4], 6, 2
+    row = prefix + sum(lengths)
+    # Queries, keys and values as views of one projection output, as a decoder layer has.
+    qkv = torch.randn(1, row, heads + 2 * key_heads, 8, generator=generator).bfloat16()
+    grad_out = torch.randn(1, row, heads, 8, generator=generator).bfloat16()
+
+    class Attention(torch.nn.Module):
+        num_key_value_groups = heads // key_heads
+
+    def eager(q, k, v):
+        k, v = (t.repeat_interleave(heads // key_heads, dim=1) for t in (k, v))
+        pieces, start = (
+            [
+                _eager_attention(
+                    q[:, :, :prefix],
+                    k[:, :, :prefix],
+                    v[:, :, :prefix],
+                    torch.ones(prefix, prefix, dtype=torch.bool).tril(),
+                    0.125,
+                )
+            ],
+            prefix,
+        )
+        for n in lengths:
+            keys = torch.cat([torch.arange(prefix), torch.arange(start, start + n)])
+            allowed = segment_module.segment_mask((n,), prefix, q.device)
+            pieces.append(
+                _eager_attention(
+                    q[:, :, start : start + n], k[:, :, keys], v[:, :, keys], allowed, 0.125
+                )
+            )
+            start += n
+        return torch.cat(pieces, dim=2).transpose(1, 2)
+
+    def packed(q, k, v):
+        return segment_module.segment_attention_forward(
+            Attention(), q, k, v, None, scaling=0.125, segment_lengths=lengths, prefix_length=prefix
+        )[0]
+
+    results = []
+    for attention in (eager, packed):
+        leaf = qkv.clone().requires_grad_()
+        q, k, v = (t.transpose(1, 2) for t in leaf.split([heads, key_heads, key_heads], dim=2))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = attention(q, k, v)
+        (grad,) = torch.autograd.grad(out, leaf, grad_out)
+        results.append((out, grad))
+    (expected, expected_grad), (got, got_grad) = results
+    assert got.dtype == torch.bfloat16 and got.shape == (1, row, heads, 8)
+    assert torch.equal(got, expected)
+    # Queries' gradients are the same products; a key's sums its query heads in float32
+    # where the eager formula adds per-head gradients rounded to bfloat16.
+    assert torch.equal(got_grad[:, :, :heads], expected_grad[:, :, :heads])
+    torch.testing.assert_close(
+        got_grad, expected_grad, rtol=2e-2, atol=2e-2 * expected_grad.abs().max().item()
+    )
