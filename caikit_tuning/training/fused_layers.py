@@ -24,6 +24,13 @@ order and fewer bfloat16 roundings, and are as close to float32 as transformers'
 (benchmarks/gradient_precision.py). Outside autocast, with a cache (generation), or
 while `FrozenWeightCast` has the float32 weights back, a layer runs transformers' own
 forward.
+
+Measured and not taken (the 30-layer decoder's forward and backward on a 1,648-position
+long row, 10 pairs alternating in one process): a rotary node over the whole q/k/v
+output that writes its gradient into one tensor instead of the split's concatenation,
+paired ratio 1.000; a rotation without the roll (each half times the other half of sin)
+was 1.29x slower on its own, since a bfloat16-by-float32 product copies its input first
+on the CPU. SwiGLU in row blocks (to stay in cache) was 1.15-1.9x slower alone.
 """
 
 from __future__ import annotations
