@@ -49,12 +49,26 @@ def summarize(runs: dict[str, list[dict]], peaks: dict, config: dict) -> dict:
         )
         if baseline[key]
     }
+    # Each repeat ran the two back to back: the spread of these is the machine's noise.
+    summary["paired_call_speedups"] = [
+        round(b["call_seconds"] / p["call_seconds"], 2)
+        for p, b in zip(project["runs"], baseline["runs"], strict=True)
+    ]
     return summary
+
+
+def baseline_label(config: dict) -> str:
+    revision = config.get("against_revision")
+    return f"caikit_tuning at `{revision}`" if revision else "baseline (Trainer + peft)"
 
 
 def _median_or_none(values: list) -> float | None:
     values = [v for v in values if v is not None]
     return round(statistics.median(values), 1) if values else None
+
+
+def _pairs(summary: dict) -> str:
+    return ", ".join(f"{x}x" for x in summary["paired_call_speedups"])
 
 
 def markdown(summary: dict, title: str) -> str:
@@ -73,11 +87,11 @@ def markdown(summary: dict, title: str) -> str:
             else ""
         ),
         "",
-        "| metric | caikit_tuning | baseline (Trainer + peft) | ratio |",
+        f"| metric | caikit_tuning | {baseline_label(c)} | ratio |",
         "| --- | --- | --- | --- |",
         f"| train tokens/s (real tokens) | {p['tokens_per_second']} | {b['tokens_per_second']} | {r['tokens_per_second']} |",
         f"| padding share of processed positions | {p['padding_fraction']:.1%} | {b['padding_fraction']:.1%} | |",
-        f"| whole train() call, s (baseline: from after its model load) | {p['call_seconds']} | {b['call_seconds']} | {r['call_seconds']} (speed-up {round(1 / r['call_seconds'], 2)}x) |",
+        f"| whole train() call, s{'' if c.get('against_revision') else ' (baseline: from after its model load)'} | {p['call_seconds']} | {b['call_seconds']} | {r['call_seconds']} (speed-up {round(1 / r['call_seconds'], 2)}x; pairs {_pairs(summary)}) |",
         f"| peak RSS (MB) | {p['peak_rss_mb']} | {b['peak_rss_mb']} | {r['peak_rss_mb']} |",
         f"| seconds to first step | {p['seconds_to_first_step']} | {b['seconds_to_first_step']} | {r['seconds_to_first_step']} |",
         f"| final train loss (last 10 steps) | {p['final_loss']} | {b['final_loss']} | {r['final_loss']} |",

@@ -16,11 +16,18 @@ and an input-gradient backward) against the machine's torch.mm peak.
     python benchmarks/train_throughput.py --model SmolLM2-135M-Instruct --steps 50
     python benchmarks/train_throughput.py --workload short long --steps 20 10 --repeats 2
     python benchmarks/train_throughput.py --model tiny --steps 20 --repeats 1   # smoke
+    python benchmarks/train_throughput.py --workload long --steps 10 --against-revision HEAD~1
+
+With --against-revision, the baseline is this project at that git revision (checked out
+in a temporary worktree and imported from there), run alternately with the working
+tree's: an A/B of a change on one machine in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import os
 import resource
@@ -137,6 +144,8 @@ def run_project(config: dict) -> dict:
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
+    import caikit_tuning
+
     torch.set_num_threads(config["threads"])
     started = time.perf_counter()
     model = train_project(config)
@@ -164,6 +173,7 @@ def run_project(config: dict) -> dict:
         "peak_rss_mb": rss,
         "peak_gpu_mb": gpu,
         "parameters": sum(p.numel() for p in model.base.model.parameters()),
+        "source": str(Path(caikit_tuning.__file__).resolve().parent.parent),
     }
 
 
@@ -285,6 +295,10 @@ def main() -> None:
         action="store_true",
         help="caikit_tuning's optimization.torch_compile (the baseline stays eager)",
     )
+    parser.add_argument(
+        "--against-revision",
+        help="a git revision of this project to run as the baseline instead of Trainer + peft",
+    )
     parser.add_argument("--name", help="results file stem (default: from the model and workload)")
     parser.add_argument("--results-dir", default=str(RESULTS))
     parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
@@ -315,7 +329,7 @@ def measure(args, workload: str, steps: int) -> dict:
     # Only here, in the orchestrator: the baseline's worker must not import the project.
     from caikit_tuning.data import read_records_file
 
-    with tempfile.TemporaryDirectory() as workdir:
+    with tempfile.TemporaryDirectory() as workdir, _revision(args.against_revision) as revision:
         model, folder = resolve_model(args.model, Path(workdir))
         count = steps * args.batch_size
         train = workload_rows(
@@ -338,6 +352,7 @@ def measure(args, workload: str, steps: int) -> dict:
             "torch_compile": args.torch_compile,
             "workload": workload,
             "device": args.device,
+            "against_revision": revision and revision.name,
             **WORKLOADS[workload],
             **PROMPT,
             "train_rows": train,
@@ -353,19 +368,27 @@ def measure(args, workload: str, steps: int) -> dict:
         }
         for repeat in range(args.repeats):
             for variant in ("project", "baseline"):
+                worker, worker_env = variant, env
+                if revision is not None and variant == "baseline":
+                    worker, worker_env = "project", {**env, "PYTHONPATH": str(revision.path)}
                 command = [
                     sys.executable,
                     __file__,
                     "--worker",
-                    variant,
+                    worker,
                     "--config-file",
                     str(config_file),
                 ]
-                out = subprocess.run(command, capture_output=True, text=True, env=env, cwd=ROOT)
+                out = subprocess.run(
+                    command, capture_output=True, text=True, env=worker_env, cwd=ROOT
+                )
                 lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
                 if out.returncode != 0 or not lines:
                     raise SystemExit(f"{variant} run failed:\n{out.stderr[-3000:]}")
                 result = json.loads(lines[-1][len("RESULT ") :])
+                imported = Path(result["source"])
+                if revision is not None and variant == "baseline" and imported != revision.path:
+                    raise SystemExit(f"the revision's run imported {imported}")
                 runs[variant].append(result)
                 print(
                     f"{workload} repeat {repeat + 1} {variant:8}: "
@@ -387,19 +410,53 @@ def measure(args, workload: str, steps: int) -> dict:
     return summary
 
 
+@dataclasses.dataclass(frozen=True)
+class _Revision:
+    name: str  # the short commit
+    path: Path  # its worktree
+
+
+@contextlib.contextmanager
+def _revision(revision: str | None):
+    """A temporary git worktree of this project at `revision` (None: nothing)."""
+    if revision is None:
+        yield None
+        return
+    git = ["git", "-C", str(ROOT)]
+    commit = subprocess.run(
+        [*git, "rev-parse", "--short", "--verify", f"{revision}^{{commit}}"],
+        capture_output=True,
+        text=True,
+    )
+    if commit.returncode != 0:
+        raise SystemExit(f"--against-revision: no commit {revision!r} here: {commit.stderr}")
+    with tempfile.TemporaryDirectory() as parent:
+        path = Path(parent).resolve() / "revision"
+        subprocess.run(
+            [*git, "worktree", "add", "--detach", str(path), commit.stdout.strip()],
+            check=True,
+            capture_output=True,
+        )
+        try:
+            yield _Revision(commit.stdout.strip(), path)
+        finally:
+            subprocess.run([*git, "worktree", "remove", "--force", str(path)], capture_output=True)
+
+
 def overview(summaries: dict[str, dict], model: str) -> str:
     """One line per workload of one invocation: the whole call and the steady state."""
     lines = [
         f"# Every workload in one run: {model}",
         "",
-        "| workload | steps | whole train() call, s (project / baseline) | speed-up | steady tokens/s (project / baseline) | ratio |",
-        "| --- | --- | --- | --- | --- | --- |",
+        "| workload | steps | whole train() call, s (project / baseline) | speed-up | pairs | steady tokens/s (project / baseline) | ratio |",
+        "| --- | --- | --- | --- | --- | --- | --- |",
     ]
     for workload, s in summaries.items():
         p, b = s["project"], s["baseline"]
         lines.append(
             f"| {workload} | {s['config']['steps']} | {p['call_seconds']} / {b['call_seconds']} | "
-            f"{b['call_seconds'] / p['call_seconds']:.2f}x | {p['tokens_per_second']} / "
+            f"{b['call_seconds'] / p['call_seconds']:.2f}x | "
+            f"{', '.join(f'{x}x' for x in s['paired_call_speedups'])} | {p['tokens_per_second']} / "
             f"{b['tokens_per_second']} | {p['tokens_per_second'] / b['tokens_per_second']:.2f}x |"
         )
     return "\n".join(lines) + "\n"

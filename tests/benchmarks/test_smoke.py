@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -39,6 +41,57 @@ def test_train_throughput_benchmark_smoke(tmp_path):
         assert summary[variant]["tokens_per_second"] > 0
     assert "tokens_per_second" in summary["ratios"]
     assert "| train tokens/s" in (results / "ci_smoke.md").read_text()
+    assert len(summary["paired_call_speedups"]) == 1
+
+
+def test_train_throughput_against_a_revision_runs_that_revision(tmp_path):
+    """The baseline is the project at HEAD, imported from a worktree that is gone after."""
+    head = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True
+    )
+    if head.returncode != 0:
+        pytest.skip("not a git checkout")
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/train_throughput.py",
+            *("--model", "tiny", "--steps", "2", "--repeats", "1", "--eval-rows", "4"),
+            *("--against-revision", "HEAD", "--name", "ab", "--results-dir", str(tmp_path)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    summary = json.loads((tmp_path / "ab.json").read_text())
+    revision_run, own_run = summary["baseline"]["runs"][0], summary["project"]["runs"][0]
+    assert Path(own_run["source"]) == ROOT
+    assert Path(revision_run["source"]) != ROOT and not Path(revision_run["source"]).exists()
+    assert summary["config"]["against_revision"] == head.stdout.strip()
+    assert revision_run["steps"] == own_run["steps"] == 2
+    assert f"caikit_tuning at `{head.stdout.strip()}`" in (tmp_path / "ab.md").read_text()
+    worktrees = subprocess.run(
+        ["git", "worktree", "list"], cwd=ROOT, capture_output=True, text=True
+    )
+    assert revision_run["source"] not in worktrees.stdout
+
+
+def test_train_throughput_refuses_an_unknown_revision(tmp_path):
+    out = subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/train_throughput.py",
+            *("--model", "tiny", "--steps", "2", "--repeats", "1"),
+            *("--against-revision", "no-such-revision", "--results-dir", str(tmp_path)),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "--against-revision: no commit 'no-such-revision'" in out.stderr
 
 
 def run_benchmark(script, tmp_path, *args):
