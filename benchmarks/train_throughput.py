@@ -386,8 +386,12 @@ def measure(args, workload: str, steps: int) -> dict:
                 if out.returncode != 0 or not lines:
                     raise SystemExit(f"{variant} run failed:\n{out.stderr[-3000:]}")
                 result = json.loads(lines[-1][len("RESULT ") :])
-                imported = Path(result["source"])
-                if revision is not None and variant == "baseline" and imported != revision.path:
+                imported = result.get("source")  # the project's runs only
+                if (
+                    revision is not None
+                    and variant == "baseline"
+                    and imported != str(revision.path)
+                ):
                     raise SystemExit(f"the revision's run imported {imported}")
                 runs[variant].append(result)
                 print(
