@@ -10,29 +10,24 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def test_train_throughput_benchmark_smoke(tmp_path):
-    out = subprocess.run(
+def train_throughput(tmp_path, *args) -> subprocess.CompletedProcess:
+    """benchmarks/train_throughput.py on the tiny model, one repeat, results in tmp_path."""
+    return subprocess.run(
         [
             sys.executable,
             "benchmarks/train_throughput.py",
-            "--model",
-            "tiny",
-            "--steps",
-            "3",
-            "--repeats",
-            "1",
-            "--eval-rows",
-            "4",
-            "--name",
-            "ci_smoke",
-            "--results-dir",
-            str(tmp_path),
+            *("--model", "tiny", "--repeats", "1", "--results-dir", str(tmp_path)),
+            *args,
         ],
         cwd=ROOT,
         capture_output=True,
         text=True,
         timeout=300,
     )
+
+
+def test_train_throughput_benchmark_smoke(tmp_path):
+    out = train_throughput(tmp_path, "--steps", "3", "--eval-rows", "4", "--name", "ci_smoke")
     assert out.returncode == 0, out.stderr[-2000:]
     results = tmp_path
     summary = json.loads((results / "ci_smoke.json").read_text())
@@ -51,17 +46,11 @@ def test_train_throughput_against_a_revision_runs_that_revision(tmp_path):
     )
     if head.returncode != 0:
         pytest.skip("not a git checkout")
-    out = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/train_throughput.py",
-            *("--model", "tiny", "--steps", "2", "--repeats", "1", "--eval-rows", "4"),
-            *("--against-revision", "HEAD", "--name", "ab", "--results-dir", str(tmp_path)),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=300,
+    out = train_throughput(
+        tmp_path,
+        *("--steps", "2", "--eval-rows", "4", "--against-revision", "HEAD"),
+        "--name",
+        "ab",
     )
     assert out.returncode == 0, out.stderr[-2000:]
     summary = json.loads((tmp_path / "ab.json").read_text())
@@ -78,18 +67,7 @@ def test_train_throughput_against_a_revision_runs_that_revision(tmp_path):
 
 
 def test_train_throughput_refuses_an_unknown_revision(tmp_path):
-    out = subprocess.run(
-        [
-            sys.executable,
-            "benchmarks/train_throughput.py",
-            *("--model", "tiny", "--steps", "2", "--repeats", "1"),
-            *("--against-revision", "no-such-revision", "--results-dir", str(tmp_path)),
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    out = train_throughput(tmp_path, "--steps", "2", "--against-revision", "no-such-revision")
     assert out.returncode != 0
     assert "--against-revision: no commit 'no-such-revision'" in out.stderr
 
