@@ -67,7 +67,8 @@ def _median_or_none(values: list) -> float | None:
     return round(statistics.median(values), 1) if values else None
 
 
-def _pairs(summary: dict) -> str:
+def pairs_text(summary: dict) -> str:
+    """Each back-to-back pair's whole-call speed-up, as the tables print them."""
     return ", ".join(f"{x}x" for x in summary["paired_call_speedups"])
 
 
@@ -91,7 +92,7 @@ def markdown(summary: dict, title: str) -> str:
         "| --- | --- | --- | --- |",
         f"| train tokens/s (real tokens) | {p['tokens_per_second']} | {b['tokens_per_second']} | {r['tokens_per_second']} |",
         f"| padding share of processed positions | {p['padding_fraction']:.1%} | {b['padding_fraction']:.1%} | |",
-        f"| whole train() call, s{'' if c.get('against_revision') else ' (baseline: from after its model load)'} | {p['call_seconds']} | {b['call_seconds']} | {r['call_seconds']} (speed-up {round(1 / r['call_seconds'], 2)}x; pairs {_pairs(summary)}) |",
+        f"| whole train() call, s{'' if c.get('against_revision') else ' (baseline: from after its model load)'} | {p['call_seconds']} | {b['call_seconds']} | {r['call_seconds']} (speed-up {round(1 / r['call_seconds'], 2)}x; pairs {pairs_text(summary)}) |",
         f"| peak RSS (MB) | {p['peak_rss_mb']} | {b['peak_rss_mb']} | {r['peak_rss_mb']} |",
         f"| seconds to first step | {p['seconds_to_first_step']} | {b['seconds_to_first_step']} | {r['seconds_to_first_step']} |",
         f"| final train loss (last 10 steps) | {p['final_loss']} | {b['final_loss']} | {r['final_loss']} |",

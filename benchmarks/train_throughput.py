@@ -205,7 +205,7 @@ def run_baseline(config: dict) -> dict:
 
 WORKERS = {"project": run_project, "baseline": run_baseline}
 
-from train_report import markdown, summarize  # noqa: E402  (next to this script)
+from train_report import markdown, pairs_text, summarize  # noqa: E402  (next to this script)
 
 # ----------------------------------------------------------------- orchestration
 
@@ -368,8 +368,9 @@ def measure(args, workload: str, steps: int) -> dict:
         }
         for repeat in range(args.repeats):
             for variant in ("project", "baseline"):
+                at_revision = revision is not None and variant == "baseline"
                 worker, worker_env = variant, env
-                if revision is not None and variant == "baseline":
+                if at_revision:
                     worker, worker_env = "project", {**env, "PYTHONPATH": str(revision.path)}
                 command = [
                     sys.executable,
@@ -386,13 +387,8 @@ def measure(args, workload: str, steps: int) -> dict:
                 if out.returncode != 0 or not lines:
                     raise SystemExit(f"{variant} run failed:\n{out.stderr[-3000:]}")
                 result = json.loads(lines[-1][len("RESULT ") :])
-                imported = result.get("source")  # the project's runs only
-                if (
-                    revision is not None
-                    and variant == "baseline"
-                    and imported != str(revision.path)
-                ):
-                    raise SystemExit(f"the revision's run imported {imported}")
+                if at_revision and result["source"] != str(revision.path):
+                    raise SystemExit(f"the revision's run imported {result['source']}")
                 runs[variant].append(result)
                 print(
                     f"{workload} repeat {repeat + 1} {variant:8}: "
@@ -460,7 +456,7 @@ def overview(summaries: dict[str, dict], model: str) -> str:
         lines.append(
             f"| {workload} | {s['config']['steps']} | {p['call_seconds']} / {b['call_seconds']} | "
             f"{b['call_seconds'] / p['call_seconds']:.2f}x | "
-            f"{', '.join(f'{x}x' for x in s['paired_call_speedups'])} | {p['tokens_per_second']} / "
+            f"{pairs_text(s)} | {p['tokens_per_second']} / "
             f"{b['tokens_per_second']} | {p['tokens_per_second'] / b['tokens_per_second']:.2f}x |"
         )
     return "\n".join(lines) + "\n"
