@@ -86,6 +86,11 @@ def markdown(summary: dict, title: str) -> str:
             " caikit_tuning with `torch_compile` (first step includes compiling)."
             if c.get("torch_compile")
             else ""
+        )
+        + (
+            f" Both variants ran with `LD_PRELOAD={c['ld_preload']}`."
+            if c.get("ld_preload")
+            else ""
         ),
         "",
         f"| metric | caikit_tuning | {baseline_label(c)} | ratio |",

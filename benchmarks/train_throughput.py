@@ -353,6 +353,8 @@ def measure(args, workload: str, steps: int) -> dict:
             "workload": workload,
             "device": args.device,
             "against_revision": revision and revision.name,
+            # Both variants' workers inherit it (an allocator such as tcmalloc).
+            "ld_preload": user_env.get("LD_PRELOAD"),
             **WORKLOADS[workload],
             **PROMPT,
             "train_rows": train,

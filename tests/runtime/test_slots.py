@@ -1,8 +1,17 @@
 """Slot planning: one job per GPU, CPU slots share the cores (logic tested without GPUs)."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
-from caikit_tuning.runtime.worker_pool import Slot, plan_slots
+from caikit_tuning.runtime.worker_pool import (
+    Slot,
+    WorkerPoolSettings,
+    allocator_library,
+    plan_slots,
+)
 from caikit_tuning.training.core_share import sees_the_whole_machine
 
 
@@ -35,3 +44,40 @@ def test_forcing_cpu_on_a_gpu_machine():
 def test_no_slots_is_an_error():
     with pytest.raises(ValueError, match="`cpu_slots` must be >= 1"):
         plan_slots([], cpu_slots=0, gpu_count=0, cpu_count=2)
+
+
+def test_workers_get_the_allocator_unless_the_server_was_given_one():
+    slot = plan_slots([], 1, gpu_count=0, cpu_count=2, preload="libtcmalloc_minimal.so.4")[0]
+    assert slot.environment({})["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+    assert slot.environment({"LD_PRELOAD": "libjemalloc.so.2"})["LD_PRELOAD"] == "libjemalloc.so.2"
+    gpu = plan_slots("auto", 1, gpu_count=1, cpu_count=2, preload="libtcmalloc_minimal.so.4")[0]
+    assert gpu.environment({})["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
+    assert "LD_PRELOAD" not in plan_slots([], 1, gpu_count=0, cpu_count=2)[0].environment({})
+
+
+def test_an_unknown_allocator_is_refused_by_name():
+    assert allocator_library("system") is None
+    with pytest.raises(ValueError, match="`allocator` must be one of"):
+        WorkerPoolSettings(allocator="jemalloc")
+
+
+@pytest.mark.skipif(allocator_library("tcmalloc") is None, reason="tcmalloc is not installed")
+def test_a_worker_environment_runs_torch_on_tcmalloc():
+    """A real process started with a slot's environment has tcmalloc mapped and trains."""
+    slot = plan_slots([], 1, gpu_count=0, cpu_count=2, preload=allocator_library("tcmalloc"))[0]
+    script = (
+        "import torch\n"
+        "x = torch.randn(256, 64, requires_grad=True)\n"
+        "(x @ x.T).sum().backward()\n"
+        "maps = open('/proc/self/maps').read()\n"
+        "print('tcmalloc' in maps, bool(torch.isfinite(x.grad).all()))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", script],
+        env=slot.environment(dict(os.environ, LD_PRELOAD="")),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    assert out.stdout.split() == ["True", "True"]
