@@ -122,7 +122,7 @@ class WorkerPoolSettings:
 
 # Workers' malloc: the name ctypes finds the library by (None: the C library's own).
 # torch frees and allocates a step's large activations anew every step; with tcmalloc
-# CPU prompt-tuning steps ran 10-14% faster for this project and for Trainer + peft
+# CPU prompt-tuning steps ran 10-13% faster for this project and for Trainer + peft
 # alike (README, "Benchmarks"), where glibc tuned through mallopt gained 1%.
 ALLOCATORS = {"tcmalloc": "tcmalloc_minimal", "system": None}
 
