@@ -170,7 +170,7 @@ class WorkerPoolTrainer(ModelTrainerBase):
         self._instance_name = instance_name
         settings = trainer_settings(WorkerPoolSettings, config, self.name)
         preload = allocator_library(settings.allocator)
-        if settings.allocator != "system" and preload is None:
+        if preload is None and ALLOCATORS[settings.allocator]:
             log.info("%s is not installed: workers use the C library's malloc", settings.allocator)
         self._slots = plan_slots(
             settings.gpus, settings.cpu_slots, _gpu_count(), os.cpu_count() or 1, preload
